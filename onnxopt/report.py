@@ -1,0 +1,327 @@
+"""The JSON report (a stable schema, documented in the README) and its terminal tables.
+
+Schema version 1, top-level keys:
+
+``schema`` (1), ``onnxopt`` (version), ``pipeline``, ``input`` and ``output``
+(``path``, ``bytes``, ``nodes``, ``nodes_total``, ``initializers``, ``parameters``,
+``tensor_bytes``), ``passes`` (one entry per pass run: ``name``, ``options``, ``exact``,
+``modified``, ``seconds``, ``nodes_before``, ``nodes_after``, ``bytes_before``,
+``bytes_after``, ``stats``, ``group``, ``round``, ``rolled_back``, ``error``),
+``converged``, ``groups``, ``validated``, ``validation`` (one entry per provider:
+``provider``, ``passed``, ``outputs`` [``name``, ``shape``, ``dtype``, ``max_abs``,
+``max_rel``, ``cosine``, ``top1_agreement``, ``equal_fraction``, ``passed``,
+``reason``], ``latency_ms`` {``reference``, ``candidate``: {``median``, ``p90``}},
+``error``), ``validation_mode``, ``validation_bound``, ``feeds``, ``seconds``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from .errors import ModelSaveError
+from .model import ExternalValues, Model, iter_graphs, node_subgraphs
+
+__all__ = ["SCHEMA_VERSION", "Report", "model_figures", "inspect_model", "render_report",
+           "render_inspect", "write_json"]
+
+SCHEMA_VERSION = 1
+
+
+def model_figures(model: Model, path: str | None = None, file_bytes: int | None = None) -> dict:
+    """The ``input``/``output`` block of the report."""
+    s = model.summary()
+    if file_bytes is None:
+        file_bytes = _estimated_bytes(model)
+    return {"path": path, "bytes": file_bytes, "nodes": s.nodes, "nodes_total": s.nodes_total,
+            "initializers": s.initializers, "parameters": s.parameters,
+            "tensor_bytes": s.tensor_bytes}
+
+
+def _estimated_bytes(model: Model) -> int:
+    proto = model.to_proto()
+    size = proto.ByteSize()
+    for t in model.constants():
+        if isinstance(t._values, ExternalValues):
+            size += t._values.nbytes
+    return size
+
+
+@dataclass
+class Report:
+    """Everything ``optimize`` did, ready for JSON (:meth:`as_dict`) and the terminal."""
+
+    pipeline: str
+    input: dict
+    output: dict
+    passes: list[dict]
+    converged: bool
+    groups: list[dict]
+    validation: list[dict] | None = None
+    validation_mode: str | None = None
+    validation_bound: dict | None = None
+    feeds: dict | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def validated(self) -> bool:
+        return self.validation is not None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.validation is None:
+            return None
+        return all(v["passed"] for v in self.validation)
+
+    def as_dict(self) -> dict:
+        from . import __version__
+
+        return {
+            "schema": SCHEMA_VERSION,
+            "onnxopt": __version__,
+            "pipeline": self.pipeline,
+            "input": self.input,
+            "output": self.output,
+            "passes": self.passes,
+            "converged": self.converged,
+            "groups": self.groups,
+            "validated": self.validated,
+            "validation": self.validation,
+            "validation_mode": self.validation_mode,
+            "validation_bound": self.validation_bound,
+            "feeds": self.feeds,
+            "seconds": round(self.seconds, 4),
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=False, default=_json_default)
+
+
+def _json_default(value: Any):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def write_json(data: dict | str, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    text = data if isinstance(data, str) else json.dumps(data, indent=2, default=_json_default)
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+# --------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------
+
+
+def _dims(shape) -> list | None:
+    if shape is None:
+        return None
+    return [d if isinstance(d, (int, str)) and d != "" else None for d in shape]
+
+
+def inspect_model(model: Model, path: str | None = None) -> dict:
+    """Inputs/outputs, opsets, op histogram, counts, bytes, subgraphs and external data."""
+    s = model.summary()
+    ops: collections.Counter = collections.Counter()
+    subgraphs = []
+    for g in iter_graphs(model.graph):
+        for n in g.nodes:
+            key = n.op if not n.domain or n.domain == "ai.onnx" else f"{n.domain}::{n.op}"
+            ops[key] += 1
+            for sub in node_subgraphs(n):
+                subgraphs.append({"node": n.name or n.op, "op": n.op, "graph": sub.name,
+                                  "nodes": sum(len(x.nodes) for x in iter_graphs(sub))})
+    external = collections.Counter()
+    for t in model.constants():
+        if isinstance(t._values, ExternalValues):
+            loc = {e.key: e.value for e in t._values.tensor.external_data}.get("location", "?")
+            external[loc] += t._values.nbytes
+
+    def io(t: gs.Tensor) -> dict:
+        dtype = getattr(t, "dtype", None)
+        return {"name": t.name, "dtype": None if dtype is None else str(dtype),
+                "shape": _dims(getattr(t, "shape", None)),
+                "initializer": isinstance(t, gs.Constant)}
+
+    info = {
+        "path": path,
+        "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None,
+        "ir_version": model.ir_version,
+        "opsets": dict(sorted(model.opset_imports.items())),
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x),
+        "graph": model.graph.name,
+        "inputs": [io(t) for t in model.graph.inputs if not isinstance(t, gs.Constant)],
+        "overridable_initializers": sum(isinstance(t, gs.Constant) for t in model.graph.inputs),
+        "outputs": [io(t) for t in model.graph.outputs],
+        "nodes": s.nodes,
+        "nodes_total": s.nodes_total,
+        "initializers": s.initializers,
+        "parameters": s.parameters,
+        "tensor_bytes": s.tensor_bytes,
+        "functions": [f"{f.domain}::{f.name}" if f.domain else f.name for f in model.functions],
+        "subgraphs": subgraphs,
+        "external_data": dict(external),
+        "metadata": dict(model.metadata_props),
+        "ops": dict(ops.most_common()),
+    }
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# terminal rendering (rich)
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _stats_text(stats: dict, limit: int = 4) -> str:
+    parts = []
+    for k, v in stats.items():
+        if isinstance(v, (dict, list)) or not v:
+            continue
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        parts.append(f"{k}={v}")
+        if len(parts) >= limit:
+            break
+    return " ".join(parts)
+
+
+def render_report(report: Report, console) -> None:
+    """Print the report as tables: passes, sizes, validation per provider."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=escape(f"onnxopt: {report.pipeline}"), title_justify="left")
+    for col in ("pass", "changed", "nodes", "tensor bytes", "seconds", "figures"):
+        t.add_column(col, justify="right" if col in ("nodes", "tensor bytes", "seconds") else "left")
+    for p in report.passes:
+        name = p["name"] + (f" r{p['round']}" if p.get("round") else "")
+        changed = "rolled back" if p["rolled_back"] else ("yes" if p["modified"] else "no")
+        nodes = f"{p['nodes_before']} → {p['nodes_after']}" if p["modified"] else str(p["nodes_after"])
+        nbytes = (f"{_fmt_bytes(p['bytes_before'])} → {_fmt_bytes(p['bytes_after'])}"
+                  if p["bytes_before"] != p["bytes_after"] else _fmt_bytes(p["bytes_after"]))
+        t.add_row(escape(name), changed, nodes, nbytes, f"{p['seconds']:.3f}",
+                  escape(p["error"] or _stats_text(p["stats"])))
+    console.print(t)
+
+    s = Table(title="model", title_justify="left")
+    for col in ("", "nodes (total)", "initializers", "parameters", "file bytes"):
+        s.add_column(col, justify="right")
+    for label, m in (("input", report.input), ("output", report.output)):
+        s.add_row(label, f"{m['nodes']} ({m['nodes_total']})", str(m["initializers"]),
+                  f"{m['parameters']:,}", _fmt_bytes(m["bytes"]))
+    console.print(s)
+    groups = ", ".join(f"{g['pipeline']}: {g['rounds']} round(s), "
+                       f"{'converged' if g['converged'] else 'NOT converged'}" for g in report.groups)
+    if groups:
+        console.print(escape(f"fixed point: {groups}"))
+
+    if report.validation is None:
+        console.print("validation: skipped (--no-validate)")
+        return
+    for v in report.validation:
+        vt = Table(title=f"validation on {v['provider']} ({report.validation_mode}: "
+                         + ", ".join(f"{k}={val}" for k, val in (report.validation_bound or {}).items())
+                         + ")", title_justify="left")
+        for col in ("output", "shape", "max abs", "max rel", "cosine", "top-1", "ok"):
+            vt.add_column(col, justify="left" if col in ("output", "shape") else "right")
+        for o in v["outputs"]:
+            vt.add_row(escape(o["name"]), "x".join(map(str, o["shape"])), _fmt(o["max_abs"]), _fmt(o["max_rel"]),
+                       _fmt(o["cosine"], ".6f"), _fmt(o["top1_agreement"], ".3f"),
+                       "[green]yes[/]" if o["passed"] else f"[red]no[/] {escape(o['reason'])}")
+        console.print(vt)
+        if v.get("error"):
+            console.print(f"[red]{v['provider']}: {escape(v['error'])}[/]")
+        lat = v.get("latency_ms")
+        if lat:
+            ratio = lat["reference"]["median"] / lat["candidate"]["median"] if lat["candidate"]["median"] else 0
+            console.print(
+                f"latency ({v['provider']}): reference {lat['reference']['median']:.3f} ms "
+                f"(p90 {lat['reference']['p90']:.3f}), candidate {lat['candidate']['median']:.3f} ms "
+                f"(p90 {lat['candidate']['p90']:.3f}); speed-up {ratio:.2f}x")
+    if report.feeds and report.feeds.get("defaulted"):
+        console.print(escape("feeds: generated; defaulted " + "; ".join(report.feeds["defaulted"])))
+
+
+def render_inspect(info: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    head = Table(show_header=False, title=escape(info.get("path") or "model"), title_justify="left")
+    head.add_column("", style="bold")
+    head.add_column("")
+    head.add_row("IR version", str(info["ir_version"]))
+    head.add_row("opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opsets"].items()))
+    if info["producer"]:
+        head.add_row("producer", info["producer"])
+    head.add_row("nodes", f"{info['nodes']} (with subgraphs: {info['nodes_total']})")
+    head.add_row("initializers", str(info["initializers"]))
+    head.add_row("parameters", f"{info['parameters']:,}")
+    head.add_row("tensor bytes", _fmt_bytes(info["tensor_bytes"]))
+    if info["file_bytes"] is not None:
+        head.add_row("file bytes", _fmt_bytes(info["file_bytes"]))
+    if info["overridable_initializers"]:
+        head.add_row("initializers listed as inputs", str(info["overridable_initializers"]))
+    if info["functions"]:
+        head.add_row("local functions", ", ".join(info["functions"]))
+    if info["external_data"]:
+        head.add_row("external data", ", ".join(f"{k} ({_fmt_bytes(v)})" for k, v in info["external_data"].items()))
+    if info["subgraphs"]:
+        head.add_row("subgraphs", ", ".join(f"{s['op']} {s['node']} → {s['graph']} ({s['nodes']} nodes)"
+                                            for s in info["subgraphs"][:8])
+                     + (" ..." if len(info["subgraphs"]) > 8 else ""))
+    console.print(head)
+    io = Table(title="inputs and outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            shape = "?" if t["shape"] is None else "x".join("?" if d is None else str(d) for d in t["shape"])
+            io.add_row(kind[:-1], escape(t["name"]), t["dtype"] or "?", shape)
+    console.print(io)
+    ops = Table(title="operators", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(escape(op), str(n))
+    console.print(ops)

@@ -1,0 +1,150 @@
+"""Feeds and calibration data: generation, loading, checking, streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models import builders
+from onnxopt import Model
+from onnxopt.data import (
+    DEFAULT_DIM,
+    check_feeds,
+    load_feeds,
+    open_calibration,
+    parse_shape,
+    random_feeds,
+    resolve_shapes,
+)
+from onnxopt.errors import CalibrationError, FeedError, UsageError
+from tests.helpers import parse
+
+
+@pytest.fixture
+def cnn() -> Model:
+    return Model.from_proto(builders.cnn())
+
+
+def test_dynamic_dims_get_documented_defaults_and_notes(cnn):
+    shapes, notes = resolve_shapes(cnn)
+    assert shapes == {"input": (1, 3, 32, 32)}
+    assert notes == ["input[0] (N) defaulted to 1"]
+
+
+def test_shape_override_fixes_dims(cnn):
+    shapes, notes = resolve_shapes(cnn, {"input": (4, 3, 32, 32)})
+    assert shapes == {"input": (4, 3, 32, 32)} and notes == []
+
+
+@pytest.mark.parametrize("shape,match", [
+    ({"nope": (1,)}, "names input 'nope'"),
+    ({"input": (1, 3, 32)}, "rank 3 given"),
+    ({"input": (1, 3, 64, 64)}, "contradicts the model's fixed dimension 32"),
+])
+def test_bad_shape_overrides(cnn, shape, match):
+    with pytest.raises(UsageError, match=match):
+        resolve_shapes(cnn, shape)
+
+
+def test_parse_shape():
+    assert parse_shape("images=1x3x640x640") == ("images", (1, 3, 640, 640))
+    assert parse_shape("x = 2,8") == ("x", (2, 8))
+    with pytest.raises(UsageError):
+        parse_shape("images:1x3")
+    with pytest.raises(UsageError):
+        parse_shape("images=1xAx3")
+
+
+def test_generated_feeds_are_deterministic_and_typed():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (int64[B, T] ids, bool[B] mask, float16[B, T, 4] h) => (float[B, T, 8] y)
+        <float[100, 8] table = {0.0}>
+        { e = Gather(table, ids)  y = Identity(e) }
+    """.replace("{0.0}", "{" + ",".join(["0.0"] * 800) + "}"))
+    a, notes = random_feeds(model, seed=3)
+    b, _ = random_feeds(model, seed=3)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["ids"].dtype == np.int64 and a["ids"].min() >= 0 and a["ids"].max() < 100
+    assert a["mask"].dtype == np.bool_ and a["h"].dtype == np.float16
+    assert a["ids"].shape == (1, DEFAULT_DIM)
+    assert len(notes) == 2  # B and T once each; other uses follow the same symbol
+
+
+def test_load_feeds_npz_and_npy(tmp_path, cnn):
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    np.savez(tmp_path / "f.npz", input=x)
+    np.save(tmp_path / "f.npy", x)
+    assert load_feeds(tmp_path / "f.npz", cnn)["input"].shape == (2, 3, 32, 32)
+    assert load_feeds(tmp_path / "f.npy", cnn)["input"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("feeds,match", [
+    ({"input": np.zeros((1, 3, 32, 32), np.float64)}, "must be float32, got float64"),
+    ({"input": np.zeros((1, 3, 32), np.float32)}, "must have rank 4"),
+    ({"input": np.zeros((1, 3, 16, 32), np.float32)}, "has 16 on axis 2, the model wants 32"),
+    ({}, "lack input 'input'"),
+    ({"input": np.zeros((1, 3, 32, 32), np.float32), "other": np.zeros(1)}, "give 'other'"),
+])
+def test_feeds_that_do_not_match_are_refused(cnn, feeds, match):
+    with pytest.raises(FeedError, match=match):
+        check_feeds(cnn, feeds)
+
+
+def test_calibration_npz_streams_samples_and_adds_the_batch_axis(tmp_path, cnn):
+    samples = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    np.savez_compressed(tmp_path / "calib.npz", input=samples)
+    cal = open_calibration(tmp_path / "calib.npz", cnn)
+    assert len(cal) == 5
+    got = [feeds["input"] for feeds in cal]
+    assert [g.shape for g in got] == [(1, 3, 32, 32)] * 5
+    np.testing.assert_array_equal(np.concatenate(got), samples)
+    assert len(list(cal)) == 5  # re-iterable
+
+
+def test_calibration_folder_allows_ragged_shapes(tmp_path):
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1, T] x) => (float[1, T] y) { y = Relu(x) }
+    """)
+    for i, t in enumerate((3, 7, 5)):
+        np.savez(tmp_path / f"s{i}.npz", x=np.ones((1, t), np.float32))
+    cal = open_calibration(tmp_path, model)
+    assert [f["x"].shape[1] for f in cal] == [3, 7, 5]
+
+
+def test_calibration_mismatch_is_a_clear_error(tmp_path, cnn):
+    np.savez(tmp_path / "bad.npz", image=np.zeros((4, 3, 32, 32), np.float32))
+    with pytest.raises(CalibrationError, match="give 'image'"):
+        open_calibration(tmp_path / "bad.npz", cnn)
+    np.savez(tmp_path / "dtype.npz", input=np.zeros((4, 3, 32, 32), np.float64))
+    with pytest.raises(CalibrationError, match="must be float32"):
+        open_calibration(tmp_path / "dtype.npz", cnn)
+    with pytest.raises(CalibrationError, match="no such file"):
+        open_calibration(tmp_path / "missing.npz", cnn)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no .npz"):
+        open_calibration(tmp_path / "empty", cnn)
+
+
+def test_calibration_from_python_iterables(cnn):
+    feeds = [{"input": np.zeros((1, 3, 32, 32), np.float32)} for _ in range(3)]
+    cal = open_calibration(feeds, cnn)
+    assert len(cal) == 3 and len(list(cal)) == 3
+    assert len(open_calibration(feeds, cnn, limit=2)) == 2
+
+
+def test_calibration_memory_does_not_grow_with_samples(tmp_path, cnn):
+    """Reading one sample at a time: peak traced memory stays near one sample's size."""
+    import tracemalloc
+
+    samples = np.zeros((400, 3, 32, 32), np.float32)  # 4.9 MB in all, 12 KB a sample
+    np.savez(tmp_path / "big.npz", input=samples)
+    cal = open_calibration(tmp_path / "big.npz", cnn)
+    tracemalloc.start()
+    n = sum(1 for _ in cal)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 400
+    assert peak < samples.nbytes / 10
