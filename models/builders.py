@@ -211,8 +211,16 @@ def demo(seed: int = 0) -> onnx.ModelProto:
     return dead_branches(seed)
 
 
+def digits(seed: int = 0) -> onnx.ModelProto:
+    """The digits MLP (scikit-learn, trained on load_digits): see :mod:`models.digits`."""
+    from .digits import digits_mlp
+
+    return digits_mlp(seed=seed)
+
+
 BUILDERS = {
     "cnn": cnn,
+    "digits": digits,
     "mlp": mlp,
     "control_flow": control_flow,
     "dead_branches": dead_branches,

@@ -1,0 +1,127 @@
+"""Shapes and types inferred from the graph itself, never from its declarations.
+
+Exporters often declare value_info and output shapes that disagree with what the graph
+computes; a rewrite that trusts them can silently change a model's outputs. So
+:func:`infer_shapes` strips every declaration but the graph inputs' before running ONNX
+shape inference (with data propagation, so ``Shape``→``Gather``→``Concat`` chains give
+values), and large weights are replaced by typed inputs so that inference never
+serializes gigabytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from .model import Model
+
+__all__ = ["TensorInfo", "infer_shapes", "static_shape"]
+
+_BIG = 1 << 20  # weights above this many bytes are given to inference as typed inputs
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Inferred dtype (numpy, or None) and shape (ints, dim names, None) of a tensor."""
+
+    dtype: np.dtype | None
+    shape: tuple | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def static(self) -> bool:
+        return self.shape is not None and all(isinstance(d, int) for d in self.shape)
+
+
+def _strip(g: onnx.GraphProto, top: bool) -> None:
+    del g.value_info[:]
+    for out in g.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    big = [t for t in g.initializer if _nbytes(t) > _BIG]
+    if big:
+        keep = [t for t in g.initializer if _nbytes(t) <= _BIG]
+        names = {i.name for i in g.input}
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        for t in big:
+            if t.name not in names:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for node in g.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                _strip(a.g, False)
+            for sub in a.graphs:
+                _strip(sub, False)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return _BIG + 1
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return int(np.prod(t.dims)) * 4 if t.dims else 4
+
+
+def _info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
+    if not tt.HasField("shape"):
+        return TensorInfo(dtype, None)
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorInfo(dtype, tuple(dims))
+
+
+def infer_shapes(model: Model) -> dict[str, TensorInfo]:
+    """Name -> :class:`TensorInfo` for every tensor ONNX shape inference can type,
+    subgraphs included. Declared value_info and output shapes are ignored; graph input
+    declarations are kept (they are the model's contract). Never raises: a graph that
+    inference cannot handle yields what it could infer (possibly nothing)."""
+    proto = model.to_proto()
+    _strip(proto.graph, True)
+    try:
+        inferred = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    out: dict[str, TensorInfo] = {}
+
+    def collect(g: onnx.GraphProto) -> None:
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            info = _info(vi)
+            if info is not None and (vi.name not in out or out[vi.name].shape is None):
+                out[vi.name] = info
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("g"):
+                    collect(a.g)
+                for sub in a.graphs:
+                    collect(sub)
+
+    collect(inferred.graph)
+    for t in model.constants():
+        if t.name and t.name not in out:
+            out[t.name] = TensorInfo(np.dtype(t.dtype) if t.dtype is not None else None,
+                                     tuple(int(d) for d in t.shape))
+    return out
+
+
+def static_shape(info: TensorInfo | None) -> tuple[int, ...] | None:
+    """The shape if every dimension is a known integer, else None."""
+    if info is None or not info.static:
+        return None
+    return tuple(int(d) for d in info.shape)
