@@ -23,7 +23,7 @@ import onnx
 
 from .errors import OnnxoptError, PassFailed
 from .framework import PassContext, PassStep, Step, describe_pipeline, parse_pipeline
-from .model import Model
+from .model import Model, gc_paused
 from .validate import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL, validate
 
 __all__ = ["PassManager", "PassRecord", "RunResult", "DEFAULT_MAX_ROUNDS"]
@@ -104,7 +104,10 @@ class PassManager:
 
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         """Run every step over ``model`` (mutated in place)."""
-        ctx = ctx or PassContext()
+        with gc_paused():
+            return self._run(model, ctx or PassContext())
+
+    def _run(self, model: Model, ctx: PassContext) -> RunResult:
         records: list[PassRecord] = []
         groups: list[dict] = []
         for index, step in enumerate(self.steps):

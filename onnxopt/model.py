@@ -21,6 +21,7 @@ saved with external data automatically.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import tempfile
 from collections import ChainMap
@@ -48,6 +49,7 @@ __all__ = [
     "iter_graphs",
     "node_subgraphs",
     "tensor_nbytes",
+    "gc_paused",
     "EXTERNAL_DATA_THRESHOLD",
 ]
 
@@ -58,6 +60,24 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27  # 2 GiB with 128 MiB left for the graph
 EXTERNAL_MIN_TENSOR_BYTES = 1024
 _ALIGN = 4096
 _COPY_CHUNK = 64 * 2**20
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector for bulk graph work.
+
+    graphsurgeon's tensors and nodes reference each other, so building or walking a large
+    graph triggers collection passes that scan every live object again and again
+    (importing 100k nodes took twice as long with the collector running). Nothing here
+    creates garbage cycles worth collecting mid-way; the collector resumes afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +280,8 @@ class Model:
         for op in proto.opset_import:
             opsets[_norm_domain(op.domain)] = op.version
         importer = _Importer(base_dir)
-        graph = importer.graph(proto.graph, {})
+        with gc_paused():
+            graph = importer.graph(proto.graph, {})
         graph.opset = opsets.get("", graph.opset)
         graph.ir_version = proto.ir_version
         return cls(
@@ -287,7 +308,8 @@ class Model:
         """The model as a ``ModelProto``. Tensors still in external files stay external
         (their locations are relative to :attr:`base_dir`)."""
         exporter = _Exporter()
-        graph_proto = exporter.graph(self.graph, set())
+        with gc_paused():
+            graph_proto = exporter.graph(self.graph, set())
         proto = onnx.ModelProto()
         proto.ir_version = self.ir_version
         for name in _MODEL_FIELDS:
