@@ -111,9 +111,10 @@ def optimize(
         report.notes.append(f"pass {r.name} was rolled back: {r.error}")
 
     if validate_output:
-        v = validate(reference, candidate, feeds, shapes=shapes, providers=providers,
-                     exact=not result.lossy, rtol=rtol, atol=atol, min_cosine=min_cosine,
-                     runs=runs, threads=threads, seed=seed, feeds_source=feed_source)
+        with ctx.progress.task(f"validating on {', '.join(providers)}"):
+            v = validate(reference, candidate, feeds, shapes=shapes, providers=providers,
+                         exact=not result.lossy, rtol=rtol, atol=atol, min_cosine=min_cosine,
+                         runs=runs, threads=threads, seed=seed, feeds_source=feed_source)
         report.validation = [p for p in v.as_dict()["providers"]]
         report.validation_mode = v.mode
         report.validation_bound = v.bound

@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console()
+        if not console.is_terminal:  # piped or logged: wide enough for the report tables
+            console = Console(width=120)
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE

@@ -213,7 +213,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _stats_text(stats: dict, limit: int = 4) -> str:
+def _stats_text(stats: dict, limit: int = 8) -> str:
     parts = []
     for k, v in stats.items():
         if isinstance(v, (dict, list)) or not v:
@@ -233,7 +233,8 @@ def render_report(report: Report, console) -> None:
 
     t = Table(title=escape(f"onnxopt: {report.pipeline}"), title_justify="left")
     for col in ("pass", "changed", "nodes", "tensor bytes", "seconds", "figures"):
-        t.add_column(col, justify="right" if col in ("nodes", "tensor bytes", "seconds") else "left")
+        t.add_column(col, justify="right" if col in ("nodes", "tensor bytes", "seconds") else "left",
+                     overflow="fold", no_wrap=col not in ("figures",))
     for p in report.passes:
         name = p["name"] + (f" r{p['round']}" if p.get("round") else "")
         changed = "rolled back" if p["rolled_back"] else ("yes" if p["modified"] else "no")
