@@ -344,3 +344,16 @@ def test_digits_classifier_keeps_its_accuracy():
     assert not ran.modified
     _, x_test, _, y_test = digits_split()
     assert accuracy(ran.model.to_proto(), x_test, y_test) == accuracy(proto, x_test, y_test)
+
+
+def test_silero_vad_if_bodies_are_simplified():
+    from tests.helpers import silero_feeds
+
+    model = Model.load(real_model("silero-vad"))
+    ran = run_pass("cse", model)
+    assert ran.stats["nodes_merged"] > 100
+    assert len(ran.model.graph.nodes) == len(model.graph.nodes)  # the merges are inside the bodies
+    assert io_signature(ran.model) == io_signature(model)
+    for rate in (16000, 8000):
+        assert_same_outputs(model, ran.model, silero_feeds(rate))
+    assert not run_pass("cse", ran.model).modified

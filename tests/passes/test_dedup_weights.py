@@ -456,3 +456,16 @@ def test_digits_classifier_keeps_its_accuracy():
     assert not ran.modified  # trained weights: no two are alike
     _, x_test, _, y_test = digits_split()
     assert accuracy(ran.model.to_proto(), x_test, y_test) == accuracy(proto, x_test, y_test)
+
+
+def test_silero_vad_bodies_read_outer_constants():
+    from tests.helpers import silero_feeds
+
+    model = Model.load(real_model("silero-vad"))
+    ran = run_pass("dedup-weights", model)
+    assert ran.stats["constant_nodes_removed"] > 200  # most of them inside the 25 If bodies
+    assert ran.stats["skipped_out_of_scope"] > 0  # duplicates in sibling branches stay
+    assert io_signature(ran.model) == io_signature(model)
+    for rate in (16000, 8000):
+        assert_same_outputs(model, ran.model, silero_feeds(rate))
+    assert not run_pass("dedup-weights", ran.model).modified

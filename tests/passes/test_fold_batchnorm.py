@@ -371,3 +371,13 @@ def test_digits_classifier_keeps_its_accuracy():
     assert not ran.modified and ran.stats["skipped_matmul_has_no_bias"] == 3
     _, x_test, _, y_test = digits_split()
     assert accuracy(ran.model.to_proto(), x_test, y_test) == accuracy(proto, x_test, y_test)
+
+
+def test_silero_vad_is_left_equivalent():
+    from tests.helpers import silero_feeds
+
+    model = Model.load(real_model("silero-vad"))
+    ran = run_pass("fold-batchnorm", model)
+    assert not ran.modified  # its Conv layers feed Relu, not an affine node
+    assert ran.model.to_bytes() == model.to_bytes()
+    assert_same_outputs(model, ran.model, silero_feeds(16000))
