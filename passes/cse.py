@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.fingerprint import fingerprint
 from onnxopt.framework import Pass, PassContext, PassResult, register
-from onnxopt.graph import bypass, const_value, replace_uses
+from onnxopt.graph import bypass, const_value, detach_nodes, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs
 
 __all__ = ["CommonSubexpressions", "NON_DETERMINISTIC_OPS"]
@@ -83,25 +83,12 @@ class CommonSubexpressions(Pass):
                 else:
                     replace_uses(old, new)
             dead[id(g)].add(id(dup))
+        detach_nodes([dup for _, dup, _ in merges])
         for gid, ids in dead.items():
             g = graphs[gid]
-            kept = []
-            for n in g.nodes:
-                if id(n) in ids:
-                    _disconnect(n)
-                else:
-                    kept.append(n)
-            g.nodes = kept
+            g.nodes = [n for n in g.nodes if id(n) not in ids]
         stats = {"nodes_merged": len(merges), **planner.skipped}
         return PassResult(modified=bool(merges), stats=stats)
-
-
-def _disconnect(node: gs.Node) -> None:
-    for sub in node_subgraphs(node):
-        for inner in sub.nodes:
-            _disconnect(inner)
-    node.inputs.clear()
-    node.outputs.clear()
 
 
 class _Planner:

@@ -35,8 +35,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.framework import Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, const_value, graph_outputs, release_constant
-from onnxopt.model import Model, iter_graphs
+from onnxopt.graph import NameAllocator, const_value, graph_outputs
+from onnxopt.model import Model, extras, iter_graphs
 from onnxopt.shapes import infer_shapes
 
 __all__ = ["FoldBatchNorm"]
@@ -80,10 +80,11 @@ class FoldBatchNorm(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         folder = _Folder(model)
-        for g in list(iter_graphs(model.graph)):
+        for g in folder.graphs:
             for layer in list(g.nodes):
                 if layer.op in _LAYERS and layer.domain in _DEFAULT_DOMAINS:
                     folder.fold_chain(g, layer)
+        folder.drop_removed()
         stats = {"bn_folded": folder.done["bn"], "mul_folded": folder.done["mul"],
                  "add_folded": folder.done["add"], "biases_created": folder.biases_created,
                  "nodes_removed": folder.nodes_removed}
@@ -103,6 +104,22 @@ class _Folder:
         self.biases_created = 0
         self.nodes_removed = 0
         self._shapes = None
+        self.graphs = list(iter_graphs(model.graph))
+        self.graph_of = {id(n): g for g in self.graphs for n in g.nodes}
+        self.removed: set[int] = set()  # nodes to take out of their graphs at the end
+        self.released: set[int] = set()  # initializers nobody reads any more
+
+    def drop_removed(self) -> None:
+        """Take the folded nodes and the weights nobody reads out of their graphs (once,
+        at the end: removing them one by one would be quadratic)."""
+        for g in self.graphs:
+            if self.removed:
+                g.nodes = [n for n in g.nodes if id(n) not in self.removed]
+            if self.released:
+                keep = {id(t) for t in (*g.inputs, *g.outputs)}
+                ext = extras(g)
+                ext.initializers = [t for t in ext.initializers
+                                    if id(t) not in self.released or t.outputs or id(t) in keep]
 
     def shapes(self) -> dict:
         if self._shapes is None:
@@ -131,13 +148,13 @@ class _Folder:
             if id(y) in self.outputs:
                 self.skip("graph_output", layer, follower)
                 return
-            if not any(follower is n for n in g.nodes):
+            if self.graph_of.get(id(follower)) is not g:
                 self.skip("other_graph", layer, follower)
                 return
             fold = self.decide(layer, follower)
             if fold is None:
                 return
-            self.apply(g, fold)
+            self.apply(fold)
 
     def decide(self, layer: gs.Node, follower: gs.Node) -> _Fold | None:
         if layer.op == "MatMul" and follower.op == "Add":
@@ -306,15 +323,16 @@ class _Folder:
         fold.bias = (b * a + d).astype(w.dtype)
         return fold
 
-    def apply(self, g: gs.Graph, fold: _Fold) -> None:
+    def apply(self, fold: _Fold) -> None:
         layer, follower = fold.layer, fold.follower
         y = layer.outputs[0]
         out = follower.outputs[0]
         old_inputs = [t for t in layer.inputs[1:] if t.name] + [t for t in follower.inputs if t is not y]
+        base = layer.inputs[1].name or layer.name or layer.op
 
-        layer.inputs[1] = gs.Constant(self.names(f"{layer.name or layer.op}_w_folded"), fold.weight)
+        layer.inputs[1] = gs.Constant(self.names(f"{base}_folded"), fold.weight)
         if fold.bias is not None:
-            new_b = gs.Constant(self.names(f"{layer.name or layer.op}_b_folded"), fold.bias)
+            new_b = gs.Constant(self.names(f"{base}_bias_folded"), fold.bias)
             if len(layer.inputs) > 2:
                 if not layer.inputs[2].name:
                     self.biases_created += 1
@@ -331,31 +349,29 @@ class _Folder:
             follower.attrs.clear()
             vars(follower).get("attr_types", {}).clear()
             follower.inputs.clear()
-            follower.inputs.extend([y, gs.Constant(self.names(f"{layer.name or layer.op}_shift"), fold.matmul_add)])
+            follower.inputs.extend([y, gs.Constant(self.names(f"{base}_shift"), fold.matmul_add)])
         else:
             follower.inputs.clear()
             follower.outputs.clear()
-            g.nodes = [n for n in g.nodes if n is not follower]
+            self.removed.add(id(follower))
             layer.outputs[0] = out
             self.nodes_removed += 1
         for t in old_inputs:
-            self.nodes_removed += self.drop_if_unused(g, t)
+            self.nodes_removed += self.drop_if_unused(t)
         self.done[fold.kind] += 1
 
-    def drop_if_unused(self, g: gs.Graph, t: gs.Tensor) -> int:
+    def drop_if_unused(self, t: gs.Tensor) -> int:
         """Drop a weight nobody reads any more: the initializer, or its Constant node."""
         if t.outputs or id(t) in self.outputs:
             return 0
         if isinstance(t, gs.Constant):
-            release_constant(self.model, t)
+            self.released.add(id(t))
             return 0
-        if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and id(t.inputs[0]) in self.graph_of:
             node = t.inputs[0]
-            for graph in iter_graphs(self.model.graph):
-                if any(node is n for n in graph.nodes):
-                    graph.nodes = [n for n in graph.nodes if n is not node]
-                    node.outputs.clear()
-                    return 1
+            node.outputs.clear()
+            self.removed.add(id(node))
+            return 1
         return 0
 
 
