@@ -35,6 +35,20 @@ test: venv models
 test-slow: venv models
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: bench-simplify
+
+# onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes; BENCH_ARGS=--quick
+# for a smoke run); writes benchmarks/results/simplify.json and the README section.
+bench-simplify: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.simplify $(BENCH_ARGS)
+
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
 

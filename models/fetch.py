@@ -42,6 +42,7 @@ class RealModel:
 
 
 _RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+_SILERO = ("silero-vad", "6.2.3")
 
 REAL_MODELS: dict[str, RealModel] = {
     m.name: m
@@ -55,6 +56,10 @@ REAL_MODELS: dict[str, RealModel] = {
         RealModel("ppocr-cls", *_RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                   "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
                   "PP-OCR mobile v2.0 text-direction classifier (MobileNetV3)"),
+        RealModel("silero-vad", *_SILERO, "silero_vad/data/silero_vad.onnx",
+                  "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+                  "Silero VAD v6 voice activity detector (PyTorch export: 25 nested If nodes, LSTM, "
+                  "inputs input[N, 512], state[2, N, 128], sr=16000)"),
     ]
 }
 

@@ -34,6 +34,7 @@ __all__ = [
     "bypass",
     "release_constant",
     "remove_nodes",
+    "detach_nodes",
     "graph_outputs",
 ]
 
@@ -215,6 +216,7 @@ class NameAllocator:
     """Fresh tensor/node names that collide with nothing in the model."""
 
     def __init__(self, model: Model):
+        self._next: dict[str, int] = {}
         self.taken: set[str] = set()
         for g in iter_graphs(model.graph):
             for t in itertools.chain(g.inputs, g.outputs, extras(g).initializers):
@@ -229,10 +231,13 @@ class NameAllocator:
         if hint not in self.taken:
             self.taken.add(hint)
             return hint
-        for i in itertools.count(1):
+        # Resume after the last suffix given for this hint: every lower one is taken, so
+        # the name is the same as probing from 1, without the quadratic probing.
+        for i in itertools.count(self._next.get(hint, 1)):
             name = f"{hint}_{i}"
             if name not in self.taken:
                 self.taken.add(name)
+                self._next[hint] = i + 1
                 return name
         raise AssertionError("unreachable")
 
@@ -301,6 +306,38 @@ def remove_nodes(graph: gs.Graph, dead: set[int]) -> int:
             kept.append(n)
     graph.nodes = kept
     return removed
+
+
+def detach_nodes(nodes: list[gs.Node]) -> None:
+    """Unlink ``nodes`` — and every node of their subgraphs — from the tensors they read
+    and write, in one sweep. Same effect as clearing each node's inputs and outputs, but
+    linear: graphsurgeon removes a node from a tensor's consumer list by comparing nodes
+    one by one (``Node.__eq__``), which is quadratic when many removed nodes read one
+    widely shared tensor (a deduplicated constant). The nodes stay in their graph's list."""
+    dead: dict[int, gs.Node] = {}
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if id(n) in dead:
+            continue
+        dead[id(n)] = n
+        for sub in node_subgraphs(n):
+            stack.extend(sub.nodes)
+    touched: dict[int, gs.Tensor] = {}
+    for n in dead.values():
+        for t in itertools.chain(n.inputs, n.outputs):
+            touched[id(t)] = t
+    for t in touched.values():
+        # list methods, not the SynchronizedList ones: the other side is cleared below
+        kept_consumers = [c for c in t.outputs if id(c) not in dead]
+        kept_producers = [p for p in t.inputs if id(p) not in dead]
+        list.clear(t.outputs)
+        list.extend(t.outputs, kept_consumers)
+        list.clear(t.inputs)
+        list.extend(t.inputs, kept_producers)
+    for n in dead.values():
+        list.clear(n.inputs)
+        list.clear(n.outputs)
 
 
 def release_constant(model: Model, tensor: gs.Tensor) -> bool:

@@ -7,7 +7,12 @@ and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 
 from onnxopt.framework import register_preset
 
-from . import dead_nodes  # noqa: F401  (registers the pass)
+from . import (
+    cse,  # noqa: F401  (registers the pass)
+    dead_nodes,  # noqa: F401  (registers the pass)
+    dedup_weights,  # noqa: F401  (registers the pass)
+    fold_batchnorm,  # noqa: F401  (registers the pass)
+)
 
 register_preset(
     "default",

@@ -93,3 +93,14 @@ def real_model(name: str) -> Path:
 
 
 REAL_MODEL_NAMES = ["ppocr-det", "ppocr-rec", "ppocr-cls"]
+
+
+def silero_feeds(rate: int = 16000, batch: int = 1, seed: int = 0) -> dict:
+    """Feeds for the silero-vad model: one audio chunk (512 samples at 16 kHz, 256 at
+    8 kHz — the sample rate picks the If branches), a zero LSTM state and the rate."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    samples = 512 if rate == 16000 else 256
+    return {"input": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32),
+            "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(rate, np.int64)}
