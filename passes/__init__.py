@@ -7,7 +7,12 @@ and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 
 from onnxopt.framework import register_preset
 
-from . import dead_nodes  # noqa: F401  (registers the pass)
+from . import (  # noqa: F401  (importing a module registers its passes)
+    dead_nodes,
+    materialize,
+    prune_magnitude,
+    share_weights,
+)
 
 register_preset(
     "default",
@@ -15,4 +20,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes"]
+__all__ = ["dead_nodes", "materialize", "prune_magnitude", "share_weights"]
