@@ -33,15 +33,18 @@ per layer would make session creation of a 60-layer detector 2-3x slower.
 * Positions: gaps between consecutive stored entries (the paper's relative index) in
   the block's flat space. A gap that does not fit the chosen width gets filler entries
   (value 0), and the first entry is at position 0 (a filler if that weight is zero), so
-  the positions are ``CumSum`` of the gaps; ``ScatterND`` writes the values into
-  ``ConstantOfShape`` zeros. The gap width is chosen per block to minimise the bits.
-* Codebooks: the layers' codebooks are concatenated; each entry's index is local to its
-  layer's codebook, and the per-entry codebook offsets are rebuilt as ``CumSum`` of a
-  vector that holds the offset steps at the first entry of each layer (``ScatterND``
-  into zeros) — unless the indices fit the width with the offsets added, in which case
-  they are stored with them.
+  the positions are ``CumSum`` of the gaps (int32); ``ScatterElements`` writes the
+  values into ``ConstantOfShape`` zeros. The gap width is chosen per block to minimise
+  the bits.
+* Codebooks: each layer keeps its own. ``dense-idx`` blocks split the index stream by
+  layer; ``sparse-idx`` blocks scatter the entries' indices into a uint8 index buffer
+  (zeros get index 0, which is 0.0) and split that. Each part is shaped like its weight,
+  cast and looked up (``Gather``), so the lookup's output is the weight itself.
 
-Every operator is ordinary ONNX (``BitShift``/``CumSum``/``ScatterND`` need opset 11;
+What onnxruntime folds is kept narrow (uint8 where it can, int32 indices, no 8-byte
+words), because it materializes every intermediate of the expansion once.
+
+Every operator is ordinary ONNX (``BitShift``/``CumSum``/``ScatterElements`` need opset 11;
 below it a layer is stored as ``dense-idx`` with one uint8 index per weight, or dense)
 and every input is a constant, so onnxruntime computes each weight once, when it creates
 the session: the optimized graph is the original one, and inference speed does not
@@ -101,7 +104,7 @@ log = logging.getLogger(__name__)
 #: Operators a decoder cone may contain: what this module writes, and what other passes
 #: may turn it into (Identity, Unsqueeze/Squeeze, Concat of merged constants).
 DECODER_OPS = frozenset({"BitShift", "Cast", "Gather", "Reshape", "Slice", "CumSum", "ConstantOfShape",
-                         "ScatterND", "Split", "Add", "Unsqueeze", "Squeeze", "Identity", "Concat",
+                         "ScatterND", "ScatterElements", "Split", "Add", "Unsqueeze", "Squeeze", "Identity", "Concat",
                          "Constant"})
 
 #: Operators whose weight operand the compression passes know.
@@ -111,7 +114,7 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 COMPACT = ("sparse", "dense-idx", "sparse-idx")
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_MIN_OPSET_PACKED = 11  # BitShift, CumSum, ScatterND
+_MIN_OPSET_PACKED = 11  # BitShift, CumSum, ScatterElements
 _MIN_OPSET = 6  # Cast with a `to` attribute, Gather, Reshape with a shape input
 _LAYER_BYTES = 40  # a layer's own structure in a block: its Reshape, shape and names
 
@@ -259,7 +262,7 @@ def _make_site(model: Model, index: GraphIndex, t: gs.Tensor, uses: list[WeightU
                memo: dict[int, np.ndarray]) -> WeightSite | str:
     cone: list[gs.Node] = []
     if isinstance(t, gs.Constant):
-        value = const_value(t)
+        value = const_value(t, load=False)
         if value is None:
             return "overridable (graph input)"
         source, storage = "initializer", "dense"
@@ -268,7 +271,7 @@ def _make_site(model: Model, index: GraphIndex, t: gs.Tensor, uses: list[WeightU
         producer = t.inputs[0] if t.inputs else None
         if producer is None:
             return "not a constant"
-        value = const_value(t)
+        value = const_value(t, load=False)
         if value is not None:
             source, storage = "constant-node", "dense"
         else:
@@ -419,7 +422,7 @@ def decoder_cone(t: gs.Tensor) -> list[gs.Node] | None:
 def tensor_value(t: gs.Tensor, memo: dict[int, np.ndarray] | None = None) -> np.ndarray | None:
     """The value of a constant or of a decoder cone's output; None for anything else.
     ``memo`` (tensor id -> value) caches what was evaluated, for the next calls."""
-    v = const_value(t)
+    v = const_value(t, load=False)
     if v is not None:
         return np.asarray(v)
     if decoder_cone(t) is None:
@@ -438,7 +441,7 @@ class _NotDecodable(Exception):
 def _evaluate(t: gs.Tensor, memo: dict[int, np.ndarray]) -> np.ndarray:
     if id(t) in memo:
         return memo[id(t)]
-    v = const_value(t)
+    v = const_value(t, load=False)
     if v is not None:
         out = np.asarray(v)
     else:
@@ -604,7 +607,21 @@ def _op_add(node, args):
     return np.add(a, b, dtype=a.dtype)
 
 
+def _op_scatter_elements(node, args):
+    data, indices, updates = args
+    if node.attrs.get("reduction", "none") not in ("none", b"none"):
+        raise ValueError("ScatterElements with a reduction")
+    axis = int(node.attrs.get("axis", 0))
+    axis += data.ndim if axis < 0 else 0
+    out = np.array(data, copy=True)
+    idx = np.asarray(indices).astype(np.int64)
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    np.put_along_axis(out, idx, np.asarray(updates), axis=axis)
+    return out
+
+
 _INTERPRETER = {
+    "ScatterElements": _op_scatter_elements,
     "Split": _op_split,
     "Add": _op_add,
     "BitShift": _op_bitshift,
@@ -623,7 +640,7 @@ _INTERPRETER = {
 
 
 def _cone_storage(cone: list[gs.Node]) -> str:
-    sparse = any(n.op == "ScatterND" for n in cone)
+    sparse = any(n.op in ("ScatterND", "ScatterElements") for n in cone)
     indexed = False
     for n in cone:
         if n.op == "Gather" and n.inputs:
@@ -1049,14 +1066,13 @@ class StorageWriter:
                        direction="RIGHT")
         return self._node(g, "Reshape", [x, self._const(g, np.array(shape, np.int64), share=True)])
 
-    def _unpack(self, g: gs.Graph, s: _Stream, *, column: bool = False, index: bool = False) -> gs.Tensor:
-        """A stream's values as int64 (int32 for codebook ``index`` streams: Gather takes
-        them, and they halve what onnxruntime folds), shaped [count] or [count, 1]."""
-        x = self._words(g, s, [-1, 1] if column else [-1])
+    def _unpack(self, g: gs.Graph, s: _Stream, wide: bool) -> gs.Tensor:
+        """A stream's values, 1-D, as int32 (int64 when ``wide``: positions past 2**31)."""
+        x = self._words(g, s, [-1])
         if s.length != s.count:
             x = self._node(g, "Slice", [x, self._const(g, np.zeros(1, np.int64), share=True),
                                         self._const(g, np.array([s.count], np.int64))])
-        return self._node(g, "Cast", [x], to=onnx.TensorProto.INT32 if index else onnx.TensorProto.INT64)
+        return self._node(g, "Cast", [x], to=onnx.TensorProto.INT64 if wide else onnx.TensorProto.INT32)
 
     def _split(self, g: gs.Graph, x: gs.Tensor, sizes: list[int], total: int) -> list[gs.Tensor]:
         """``x`` (1-D, ``total`` long) cut into parts of ``sizes``; a remainder (padding)
@@ -1114,8 +1130,9 @@ class StorageWriter:
         value_bits = width if kind == "sparse-idx" else dtype.itemsize * 8
         gap_width, _ = _best_gap_width(positions, value_bits)
         pos, gaps = _gap_entries(positions, gap_width)
-        at = self._unpack(g, _pack(gaps, gap_width), column=True)
-        at = self._node(g, "CumSum", [at, self._const(g, np.array(0, np.int64), share=True)])
+        wide = total >= 2**31
+        at = self._unpack(g, _pack(gaps, gap_width), wide)
+        at = self._node(g, "CumSum", [at, self._const(g, np.array(0, np.int64 if wide else np.int32), share=True)])
         size = self._const(g, np.array([total], np.int64), share=True)
         if kind == "sparse-idx":
             # Scatter the entries' codebook indices into a uint8 index buffer (zeros have
@@ -1127,10 +1144,10 @@ class StorageWriter:
                 values = self._node(g, "Slice", [values, self._const(g, np.zeros(1, np.int64), share=True),
                                                  self._const(g, np.array([stream.count], np.int64))])
             zeros = self._node(g, "ConstantOfShape", [size], value=gs.Constant("", np.zeros(1, np.uint8)))
-            return self._lookups(g, self._node(g, "ScatterND", [zeros, at, values]), total, layers)
+            return self._lookups(g, self._node(g, "ScatterElements", [zeros, at, values]), total, layers)
         values = self._const(g, np.concatenate([p.value.ravel() for _, p in layers])[pos])
         attrs = {} if dtype == np.float32 else {"value": gs.Constant("", np.zeros(1, dtype))}
-        flat = self._node(g, "ScatterND", [self._node(g, "ConstantOfShape", [size], **attrs), at, values])
+        flat = self._node(g, "ScatterElements", [self._node(g, "ConstantOfShape", [size], **attrs), at, values])
         return [self._node(g, "Reshape", [part, self._const(g, np.array(p.value.shape, np.int64), share=True)])
                 for part, (_, p) in zip(self._split(g, flat, sizes, total), layers)]
 
@@ -1150,13 +1167,13 @@ _PASS_THROUGH = ("Reshape", "Split", "Identity", "Squeeze", "Unsqueeze", "Cast")
 
 def _entry_share(t: gs.Tensor, memo: dict) -> float | None:
     """For a layer of a sparse block: its share of the block's stored entries (those whose
-    position falls in the layer's part of the ScatterND output). None otherwise."""
+    position falls in the layer's part of the scatter's output). None otherwise."""
     x, part = t, None
     while True:
         if isinstance(x, gs.Constant) or len(x.inputs) != 1:
             return None
         node = x.inputs[0]
-        if node.op == "ScatterND":
+        if node.op in ("ScatterND", "ScatterElements"):
             break
         if node.op == "Gather" and len(node.inputs) == 2:  # a codebook lookup: follow the indices
             x = node.inputs[1]
@@ -1219,7 +1236,7 @@ def _exclusive_leaves(cone: list[gs.Node]) -> list[gs.Tensor]:
 
 
 def _raw(t: gs.Tensor) -> bytes:
-    return np.ascontiguousarray(const_value(t)).tobytes()
+    return np.ascontiguousarray(const_value(t, load=False)).tobytes()
 
 
 def compression_report(model: Model, original: Model | None = None, *, ops: Sequence[str] = WEIGHT_OPS,

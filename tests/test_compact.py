@@ -123,7 +123,7 @@ def test_blocks_decode_exactly_and_onnxruntime_folds_them(opset, rng):
     got = weights(out)
     assert np.array_equal(got["w0"], pruned0) and np.array_equal(got["w1"], shared1)
     # onnxruntime computes the weights once, when the session is created.
-    assert not set(optimized_ops(out)) & {"ScatterND", "Gather", "BitShift", "CumSum", "ConstantOfShape", "Split"}
+    assert not set(optimized_ops(out)) & {"ScatterElements", "Gather", "BitShift", "CumSum", "ConstantOfShape", "Split"}
     feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32)}
     assert_identical_outputs(out, with_weights(model, {"w0": pruned0, "w1": shared1}), feeds)
     assert out.to_bytes() == _write(model, {"w0": pruned0, "w1": shared1}).to_bytes()  # deterministic
@@ -139,11 +139,11 @@ def test_layers_of_one_form_share_one_block(rng):
     w1 = np.where(rng.random((48, 16)) < 0.8, 0, rng.standard_normal((48, 16))).astype(np.float32)
     out = _write(_mlp(w0, w1), {"w0": w0, "w1": w1})
     ops = [n.op for n in out.graph.nodes]
-    assert ops.count("ScatterND") == 1 and ops.count("Split") == 1 and ops.count("CumSum") == 1
+    assert ops.count("ScatterElements") == 1 and ops.count("Split") == 1 and ops.count("CumSum") == 1
     assert np.array_equal(weights(out)["w1"], w1)
     # Rewriting one layer rebuilds the block: nothing of the old one is left behind.
     again = _write(out, {"w0": np.where(np.abs(w0) < 1.5, 0, w0).astype(np.float32)})
-    assert [n.op for n in again.graph.nodes].count("ScatterND") == 1
+    assert [n.op for n in again.graph.nodes].count("ScatterElements") == 1
     assert np.array_equal(weights(again)["w1"], w1)
     assert len(again.to_bytes()) < len(out.to_bytes())
 
@@ -170,7 +170,7 @@ def test_ir3_models_store_constants_as_constant_nodes(rng):
     """)
     out = _write(model, {"w": w})
     proto = out.to_proto()
-    assert not proto.graph.initializer and "ScatterND" in [n.op_type for n in proto.graph.node]
+    assert not proto.graph.initializer and "ScatterElements" in [n.op_type for n in proto.graph.node]
     assert np.array_equal(weights(out)["w"], w)
     feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
     assert_identical_outputs(out, model, feeds)
@@ -179,7 +179,7 @@ def test_ir3_models_store_constants_as_constant_nodes(rng):
 def test_evaluator_matches_onnxruntime_on_each_decoder_op():
     model = parse("""
         <ir_version: 8, opset_import: ["" : 18]>
-        g () => (float[8] y, int64[6] run2, int64[2, 3] un)
+        g () => (float[8] y, int64[6] run2, int64[2, 3] un, float[8] y2)
         <uint8[1, 3] wd = {27, 200, 5}, uint8[2, 1] sl = {4, 0}, uint8 sr = {4},
          int64[2] shp = {-1, 1}, int64[1] st = {-6}, int64[1] en = {1000}, int64[1] ax = {0}, int64[1] one = {1},
          float[4] cb = {0.0, 0.5, -1.5, 2.0}, int64[1] n = {8}, int64[3, 1] at = {1, 4, 6}, int64 zero = {0},
@@ -200,6 +200,8 @@ def test_evaluator_matches_onnxruntime_on_each_decoder_op():
             un = Reshape(run2, two3)
             z = ConstantOfShape(n)
             y = ScatterND(z, at, three)
+            at1 = Squeeze(at, one)
+            y2 = ScatterElements(z, at1, three)
         }
     """)
     from onnxopt.validate import make_session

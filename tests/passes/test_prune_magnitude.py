@@ -73,7 +73,7 @@ def test_zeroes_the_smallest_weights_of_each_layer_and_stores_them_sparsely():
     assert np.array_equal(bias.values, np.linspace(-1, 1, 24).astype(np.float32))
     assert_identical_outputs(ran.model, with_weights(model, expected), feeds())
     assert io_signature(ran.model) == io_signature(model)
-    assert "ScatterND" not in optimized_ops(ran.model)
+    assert "ScatterElements" not in optimized_ops(ran.model)
 
 
 def test_biases_and_normalization_parameters_are_left_alone():
@@ -246,7 +246,7 @@ def test_is_idempotent_and_deterministic():
     assert again.model.to_bytes() == once.model.to_bytes()
     more = run_pass("prune-magnitude", once.model, sparsity=0.9, min_size=0)
     assert more.modified and more.stats["weights_zeroed"] == 2 * (round(0.9 * 768) - round(0.8 * 768))
-    assert [n.op for n in more.model.graph.nodes].count("ScatterND") == 1  # one block, rebuilt
+    assert [n.op for n in more.model.graph.nodes].count("ScatterElements") == 1  # one block, rebuilt
     assert decoder_nodes(more.model) <= decoder_nodes(once.model) + 1
 
 
@@ -271,7 +271,7 @@ def test_below_opset_11_prunes_but_stores_densely():
     model = mlp(opset=10)
     ran = run_pass("prune-magnitude", model, sparsity=0.9, min_size=0)
     assert ran.modified and set(storages(ran.model).values()) <= {"dense", "dense-idx"}
-    assert not {"ScatterND", "BitShift", "CumSum"} & {n.op for n in ran.model.graph.nodes}  # opset 11 ops
+    assert not {"ScatterElements", "BitShift", "CumSum"} & {n.op for n in ran.model.graph.nodes}  # opset 11 ops
     assert ran.stats["weights_zeroed"] == 2 * round(0.9 * 768)
     assert_identical_outputs(ran.model, with_weights(model, weights(ran.model)), feeds())
 
@@ -327,4 +327,19 @@ def test_real_models_prune_and_run_on_stock_onnxruntime(name):
     # The compressed file gives exactly what its pruned dense weights give.
     dense = run_pass("materialize", ran.model)
     assert_identical_outputs(ran.model, dense.model, ocr_feeds(name))
-    assert not {"ScatterND", "BitShift", "CumSum"} & set(optimized_ops(ran.model))
+    assert not {"ScatterElements", "BitShift", "CumSum"} & set(optimized_ops(ran.model))
+
+
+def test_dense_storage_keeps_plain_tensors_with_zeros():
+    model = mlp()
+    ran = run_pass("prune-magnitude", model, sparsity=0.75, min_size=0, storage="dense")
+    assert ran.modified and storages(ran.model) == {"w0": "dense", "w1": "dense"}
+    assert decoder_nodes(ran.model) == 0
+    expected = {"w0": smallest_zeroed(W0, 576), "w1": smallest_zeroed(W1, 576)}
+    assert all(np.array_equal(weights(ran.model)[k], v) for k, v in expected.items())
+    assert ran.stats["total"]["file_gzip_ratio"] > 1.5 > ran.stats["total"]["file_ratio"]
+    # a compact model pruned further with dense storage becomes plain again
+    compact = run_pass("prune-magnitude", model, sparsity=0.5, min_size=0).model
+    plain = run_pass("prune-magnitude", compact, sparsity=0.75, min_size=0, storage="dense")
+    assert storages(plain.model) == {"w0": "dense", "w1": "dense"}
+    assert_identical_outputs(plain.model, with_weights(model, expected), feeds())
