@@ -35,6 +35,18 @@ test: venv models
 test-slow: venv models
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Benchmarks (not tests): they need the `bench` extra on top of `dev`.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: bench-compress
+
+bench-compress: $(BENCH_STAMP) models
+	$(BIN)/python benchmarks/compress.py
+
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
 
