@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxopt.passes.prune_magnitude import nm_mask
 
 from models import builders
 from models.digits import accuracy, digits_mlp, digits_split
@@ -15,7 +16,6 @@ from models.ocr_inputs import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
-from passes.prune_magnitude import nm_mask
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
@@ -343,3 +343,14 @@ def test_dense_storage_keeps_plain_tensors_with_zeros():
     plain = run_pass("prune-magnitude", compact, sparsity=0.75, min_size=0, storage="dense")
     assert storages(plain.model) == {"w0": "dense", "w1": "dense"}
     assert_identical_outputs(plain.model, with_weights(model, expected), feeds())
+
+
+def test_a_threshold_above_every_weight_empties_the_layer():
+    model = mlp()
+    ran = run_pass("prune-magnitude", model, threshold=100.0, min_size=0)
+    assert ran.stats["sparsity"] == 1.0
+    assert all(not v.any() for v in weights(ran.model).values())
+    shared = run_pass("share-weights", ran.model, min_size=0)
+    zero = with_weights(model, {"w0": np.zeros_like(W0), "w1": np.zeros_like(W1)})
+    for m in (ran.model, shared.model):
+        assert_identical_outputs(m, zero, feeds())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxopt.passes.share_weights import kmeans_1d
 
 from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
@@ -12,7 +13,6 @@ from models.ocr_inputs import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
-from passes.share_weights import kmeans_1d
 from tests.helpers import io_signature, parse, real_model, run_pass
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
