@@ -20,16 +20,18 @@ Storage forms, chosen per layer (whichever is smallest):
 The compact layers of a graph are stored together, one *block* per form (and index
 width and dtype): the streams of all its layers are concatenated, expanded by one chain
 of ordinary ONNX ops, and a ``Split`` plus one ``Reshape`` per layer give each weight
-back. A block is a handful of nodes whatever the number of layers — which matters
-because onnxruntime's constant folding costs some 50 µs per folded node: one decoder
-per layer would make session creation of a 60-layer detector 2-3x slower.
+back. Onnxruntime materializes the output of every node it folds, so the cost of
+session creation grows with the nodes and the bytes of the expansion: one decoder per
+layer made session creation of the 60-layer PP-OCR detector 2.2-2.9x slower, one block
+per form keeps it to a handful of nodes plus three per layer.
 
-* Bit-packing: a stream of ``w``-bit values is packed into words of 8, 32 or 64 bits
-  (``64 // w`` values per uint64 ...). The word column ``[n_words, 1]`` is unpacked for
-  all slots at once: ``BitShift(words, left_shifts, LEFT)`` (broadcast over the slots)
-  moves slot ``j`` to the top of the word and ``BitShift(·, word_bits - w, RIGHT)``
-  brings it down; ``Reshape`` and ``Slice`` give the stream in order, ``Cast`` makes it
-  int64. A stream of exactly 8/16/32-bit values is stored as uint8/16/32 and only cast.
+* Bit-packing: a stream of ``w``-bit values is packed into words of 8 or 32 bits
+  (``32 // w`` values per uint32 ...), slot-major. The word row ``[1, n_words]`` is
+  unpacked for all slots at once: ``BitShift(words, left_shifts, LEFT)`` (the shifts a
+  column ``[slots, 1]``, broadcast) moves slot ``j`` to the top of the word and
+  ``BitShift(·, word_bits - w, RIGHT)`` brings it down; ``Reshape`` (and ``Slice``, or
+  the block's ``Split``) give the stream in order. A stream of exactly 8/16/32-bit
+  values is stored as uint8/16/32 and only cast.
 * Positions: gaps between consecutive stored entries (the paper's relative index) in
   the block's flat space. A gap that does not fit the chosen width gets filler entries
   (value 0), and the first entry is at position 0 (a filler if that weight is zero), so
@@ -936,10 +938,8 @@ class StorageWriter:
                     dense.append((p.site, p.value))
                     continue
                 key = (plan.kind, plan.width, plan.value.dtype.str)
-                if opset < _MIN_OPSET_PACKED:
-                    key += (id(p.site.tensor),)  # no offsets below opset 11: one layer a block
                 blocks.setdefault(key, []).append((p.site, plan))
-            for (kind, width, _, *_), layers in blocks.items():
+            for (kind, width, _), layers in blocks.items():
                 outs = self._block(g, kind, width, layers)
                 replacements.extend(zip((s for s, _ in layers), outs))
         self._verify(replacements, {id(p.site.tensor): p.value for g in members.values() for p in g})

@@ -245,3 +245,18 @@ def test_real_models_share_and_stay_faithful(name, init):
     else:
         assert cosine(a, b) > 0.999
     assert not {"Gather", "BitShift", "ScatterElements"} & set(optimized_ops(ran.model)) - set(optimized_ops(model))
+
+
+def test_below_opset_11_indices_are_one_byte_each_and_layers_share_a_block():
+    model = parse(f"""
+        <ir_version: 5, opset_import: ["" : 10]>
+        g (float[N, 32] x) => (float[N, 32] y)
+        <float[32, 24] w0 = {values(W0)}, float[24, 32] w1 = {values(W1)}>
+        {{ h = MatMul(x, w0)  y = MatMul(h, w1) }}
+    """)
+    ran = run_pass("share-weights", model, bits=4, min_size=0)
+    ops = [n.op for n in ran.model.graph.nodes]
+    assert ops.count("Split") == 1 and "BitShift" not in ops  # BitShift needs opset 11
+    words = [t for t in ran.model.constants() if t.values.dtype == np.uint8]
+    assert len(words) == 1 and words[0].values.size == W0.size + W1.size
+    assert_identical_outputs(ran.model, with_weights(model, weights(ran.model)), feeds())
