@@ -35,19 +35,24 @@ test: venv models
 test-slow: venv models
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Benchmarks (not tests): they need the `bench` extra on top of `dev`. BENCH_ARGS=--quick
+# gives a smoke run where a benchmark supports it.
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify
+bench: bench-simplify bench-compress
 
-# onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes; BENCH_ARGS=--quick
-# for a smoke run); writes benchmarks/results/simplify.json and the README section.
+# onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
+# benchmarks/results/simplify.json and the README section.
 bench-simplify: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.simplify $(BENCH_ARGS)
+
+bench-compress: $(BENCH_STAMP) models
+	$(BIN)/python benchmarks/compress.py
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks

@@ -244,6 +244,8 @@ def render_report(report: Report, console) -> None:
         t.add_row(escape(name), changed, nodes, nbytes, f"{p['seconds']:.3f}",
                   escape(p["error"] or _stats_text(p["stats"])))
     console.print(t)
+    for p in report.passes:
+        _render_layers(p, console)
 
     s = Table(title="model", title_justify="left")
     for col in ("", "nodes (total)", "initializers", "parameters", "file bytes"):
@@ -282,6 +284,49 @@ def render_report(report: Report, console) -> None:
                 f"(p90 {lat['candidate']['p90']:.3f}); speed-up {ratio:.2f}x")
     if report.feeds and report.feeds.get("defaulted"):
         console.print(escape("feeds: generated; defaulted " + "; ".join(report.feeds["defaulted"])))
+
+
+#: Rows of a pass's per-layer table shown in the terminal (the JSON report has them all).
+LAYER_ROWS = 40
+LAYER_COLUMNS = 9
+
+
+def _render_layers(record: dict, console) -> None:
+    """A pass whose stats hold ``layers`` (a list of per-layer dicts) and optionally
+    ``total`` (a dict) gets a table of its own under the passes table: its first
+    :data:`LAYER_COLUMNS` scalar columns (a pass puts the telling ones first)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    layers = record["stats"].get("layers")
+    if record.get("rolled_back") or not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
+        return
+    columns = [k for k, v in layers[0].items() if not isinstance(v, (list, dict))][:LAYER_COLUMNS]
+    t = Table(title=escape(f"{record['name']}: per layer"), title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="left" if col in ("layer", "op", "storage", "shape") else "right")
+
+    def cell(v) -> str:
+        if isinstance(v, list):
+            return "x".join(map(str, v))
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    for row in layers[:LAYER_ROWS]:
+        t.add_row(*(escape(cell(row.get(c))) for c in columns))
+    if len(layers) > LAYER_ROWS:
+        t.add_row(escape(f"... {len(layers) - LAYER_ROWS} more (see --report)"), *([""] * (len(columns) - 1)))
+    total = record["stats"].get("total")
+    if isinstance(total, dict):
+        t.add_row("total", *(escape(cell(total.get(c))) if c in total else "" for c in columns[1:]))
+    console.print(t)
+    if isinstance(total, dict) and "file_bytes" in total:
+        line = f"file: {_fmt_bytes(total['file_bytes'])} ({_fmt_bytes(total.get('file_gzip_bytes'))} gzipped)"
+        if "original_file_bytes" in total:
+            line += (f"; original {_fmt_bytes(total['original_file_bytes'])}: {total['file_ratio']:.2f}x smaller, "
+                     f"{total['file_gzip_ratio']:.2f}x once gzipped")
+        console.print(escape(line))
 
 
 def render_inspect(info: dict, console) -> None:

@@ -7,11 +7,14 @@ and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 
 from onnxopt.framework import register_preset
 
-from . import (
-    cse,  # noqa: F401  (registers the pass)
-    dead_nodes,  # noqa: F401  (registers the pass)
-    dedup_weights,  # noqa: F401  (registers the pass)
-    fold_batchnorm,  # noqa: F401  (registers the pass)
+from . import (  # noqa: F401  (importing a module registers its passes)
+    cse,
+    dead_nodes,
+    dedup_weights,
+    fold_batchnorm,
+    materialize,
+    prune_magnitude,
+    share_weights,
 )
 
 register_preset(
@@ -19,5 +22,3 @@ register_preset(
     "[dead-nodes]",
     "the exact clean-up passes, run to a fixed point",
 )
-
-__all__ = ["dead_nodes"]

@@ -1,0 +1,92 @@
+"""Helpers for the compression tests: weights written into ONNX text, weight values read
+back, onnxruntime's optimized graph, and models with given dense weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxopt import Model
+from onnxopt.compact import find_weights
+from onnxopt.graph import const_value
+
+
+def values(arr: np.ndarray) -> str:
+    """An array as the ``{...}`` value list of an ONNX-text initializer (exact float32)."""
+    return "{" + ", ".join(repr(float(v)) for v in np.asarray(arr).ravel()) + "}"
+
+
+def weights(model: Model) -> dict[str, np.ndarray]:
+    """Name -> value of every weight operand of Conv/ConvTranspose/Gemm/MatMul."""
+    sites, _ = find_weights(model)
+    return {s.name: s.value for s in sites}
+
+
+def storages(model: Model) -> dict[str, str]:
+    sites, _ = find_weights(model)
+    return {s.name: s.storage for s in sites}
+
+
+def optimized_ops(model: Model | bytes, level: str = "basic") -> list[str]:
+    """Op types left in the graph onnxruntime runs after its optimizations."""
+    data = model.to_bytes() if isinstance(model, Model) else model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "opt.onnx")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+        opts.optimized_model_filepath = path
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        proto = onnx.load(path)
+    ops = []
+
+    def walk(g):
+        for n in g.node:
+            ops.append(n.op_type)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(proto.graph)
+    return ops
+
+
+def decoder_nodes(model: Model) -> int:
+    """Nodes that expand weights (in some weight's decoder cone; Constant nodes aside)."""
+    sites, _ = find_weights(model)
+    return len({id(n) for s in sites for n in s.cone if n.op != "Constant"})
+
+
+def with_weights(model: Model, new: dict[str, np.ndarray]) -> Model:
+    """A copy of ``model`` whose initializers named in ``new`` hold the given values."""
+    out = model.copy()
+    for t in out.constants():
+        if t.name in new:
+            t.values = np.asarray(new[t.name], dtype=const_value(t).dtype)
+    return out
+
+
+def run(model: Model, feeds: dict) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.to_bytes(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_identical_outputs(a: Model, b: Model, feeds: dict) -> None:
+    """Both models give bit-identical outputs on onnxruntime."""
+    for x, y in zip(run(a, feeds), run(b, feeds)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"max diff {np.abs(x - y).max()}"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
