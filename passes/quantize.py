@@ -546,8 +546,10 @@ def _weight_reason(node: gs.Node, ctx: PlanContext, dynamic: bool, block: int) -
     if not ctx.is_float_act(node.inputs[0]):
         return "input is not a float32 activation"
     w = const_value(node.inputs[1])
-    if w is None or np.asarray(w).dtype != np.float32:
-        return "weight is not a float32 constant"
+    if w is None:
+        return "second operand is not a constant (activation x activation)"
+    if np.asarray(w).dtype != np.float32:
+        return "weight is not float32"
     if np.asarray(w).ndim != 2:
         return "weight is not 2-D"
     if node.op == "Gemm":
