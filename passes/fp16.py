@@ -98,7 +98,7 @@ class Fp16(Pass):
                     continue
             elif not any(is_f32(t) for t in node.outputs):
                 # float32 inputs only (Shape, comparisons ...): follow the producers
-                ins = [t for t in node.inputs if is_f32(t)]
+                ins = [t for i, t in enumerate(node.inputs) if is_f32(t) and (node.op, i) not in _FP32_INPUTS]
                 if not ins or not all(const_value(t) is not None or (len(t.inputs) == 1 and id(t.inputs[0]) in chosen)
                                       for t in ins):
                     continue

@@ -404,6 +404,8 @@ def _choose_cheap(graph: gs.Graph, ctx: PlanContext, units: dict[int, Unit], exc
         if u is not None:
             cands.append((node, u))
 
+    by_bias_add = {id(u.bias_add): u for u in units.values() if u.bias_add is not None}
+
     def producer_unit(t: gs.Tensor) -> Unit | None:
         if len(t.inputs) != 1:
             return None
@@ -411,10 +413,11 @@ def _choose_cheap(graph: gs.Graph, ctx: PlanContext, units: dict[int, Unit], exc
         u = units.get(id(p))
         if u is not None:
             return u
-        # a tail (Relu/Clip) of a unit
+        # a tail (Relu/Clip) of a unit, after its bias Add if it has one
         if p.op in _TAILS and len(p.inputs) >= 1 and len(p.inputs[0].inputs) == 1:
-            pu = units.get(id(p.inputs[0].inputs[0]))
-            if pu is not None and pu.node.op != "MatMul" and pu.node.op != "Gemm" and tail_of(p.inputs[0], ctx):
+            before = p.inputs[0].inputs[0]
+            pu = units.get(id(before)) or by_bias_add.get(id(before))
+            if pu is not None and tail_of(p.inputs[0], ctx):
                 return pu
         return None
 
@@ -422,7 +425,7 @@ def _choose_cheap(graph: gs.Graph, ctx: PlanContext, units: dict[int, Unit], exc
         u = producer_unit(t)
         if u is None:
             return False
-        if u.node.op in ("MatMul", "Gemm"):
+        if u.node.op in ("MatMul", "Gemm") and t is u.node.outputs[0]:
             return u.bias_add is None and _all_quantized_consumers(t, units)
         return True
 
@@ -530,7 +533,12 @@ def _set_output(u: Unit, units: dict[int, Unit], ctx: PlanContext) -> None:
     node = u.node
     out = node.outputs[0]
     if node.op in ("MatMul", "Gemm"):
-        if u.bias_add is None and id(out) not in ctx.outputs and _all_quantized_consumers(out, units) \
+        tail = tail_of(u.bias_add.outputs[0] if u.bias_add is not None else out, ctx)
+        if tail:
+            # onnxruntime leaves DQ -> MatMul -> Relu unfused unless a Q follows the Relu
+            u.tail = tail
+            u.out = tail[0].outputs[0]
+        elif u.bias_add is None and id(out) not in ctx.outputs and _all_quantized_consumers(out, units) \
                 and ctx.only_main_consumers(out):
             u.out = out
         return
