@@ -302,7 +302,7 @@ def _fit_batch_axis(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, 
         arr = np.asarray(arr)
         spec = specs.get(name)
         if (spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1
-                and (spec.shape[0] in (1, None) or isinstance(spec.shape[0], str))):
+                and (spec.shape[0] in (1, None) or isinstance(spec.shape[0], str) or spec.shape[0] < 1)):
             arr = arr[None]
         out[name] = arr
     return out
