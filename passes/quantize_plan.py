@@ -197,6 +197,10 @@ def _compute_unit(node: gs.Node, ctx: PlanContext, profile: str, per_channel: bo
                 return "bias is not a float32 constant"
             bias_index = 2
         group = int(node.attrs.get("group", 1))
+        ti = ctx.info.get(ins[0].name)
+        if profile == "ort-cpu" and ti is not None and ti.shape is not None and len(ti.shape) >= 3 \
+                and all(d == 1 for d in ti.shape[2:]):
+            return "1x1 feature map (squeeze-excitation): nothing to gain in int8"
         if profile == "ort-cpu" and not depthwise and group > 1 and w.shape[1] == 1:
             return "depthwise convolution (the CPU provider's int8 depthwise kernel is slower than its float one)"
         axis: int | None = 0 if op == "Conv" else (1 if group == 1 else None)
