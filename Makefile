@@ -38,5 +38,12 @@ test-slow: venv models
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
 
+# Benchmarks: side-by-side measurements, figures into benchmarks/results and the README.
+bench: bench-quantize
+
+bench-quantize: venv models
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.quantize
+
 clean:
 	rm -rf $(VENV) demo .pytest_cache

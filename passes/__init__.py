@@ -19,4 +19,26 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
+register_preset(
+    "int8",
+    "quantize(mode=static,method=percentile,min_cosine=0.99)",
+    "static int8 for onnxruntime's CPU provider: u8 activations, per-channel weights, percentile "
+    "calibration, accuracy guard at cosine 0.99 (needs --calib)",
+)
+register_preset(
+    "int8-tensorrt",
+    "quantize(mode=static,profile=tensorrt,method=percentile,min_cosine=0.99)",
+    "symmetric int8 Q/DQ placed for TensorRT's explicit quantization (needs --calib)",
+)
+register_preset(
+    "int8-dynamic",
+    "quantize(mode=dynamic)",
+    "int8 MatMul/Gemm weights, activations quantized at run time (no calibration)",
+)
+register_preset(
+    "int4",
+    "quantize(mode=weight-only,bits=4)",
+    "blockwise int4 MatMul weights (MatMulNBits on the CPU provider; no calibration)",
+)
+
 __all__ = ["dead_nodes", "fp16", "quantize"]
