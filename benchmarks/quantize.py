@@ -357,6 +357,24 @@ def run(models: list[str], quick: bool) -> dict:
     return results
 
 
+_SHORT = [
+    (r"quant_pre_process raised \(Incomplete symbolic shape inference\); retried without symbolic shapes",
+     "pre-process: symbolic shapes failed"),
+    (r"its output does not load \(.*?axis.*?\)\)?", "per-channel output does not load (opset < 13)"),
+    (r"its output does not load \(.*?\)", "output does not load"),
+    (r"retried on the model converted to opset 13", "rerun on the opset-13 model"),
+]
+
+
+def _short(note: str) -> str:
+    import re
+
+    for pattern, repl in _SHORT:
+        note = re.sub(pattern, repl, note)
+    parts = list(dict.fromkeys(p.strip() for p in note.split(";") if p.strip()))
+    return "; ".join(parts)[:200]
+
+
 def tables(results: dict) -> str:
     m = results["machine"]
     cores = m["cores"]
@@ -378,7 +396,7 @@ def tables(results: dict) -> str:
             cos = f"{r['cosine']:.5f}" if r.get("cosine") is not None else None
             rows.append([name, variant, r.get("size_ratio"), r.get("speedup_1t"), r.get(f"speedup_{cores}t"),
                          r.get("fused_fraction"), cos, r.get("max_abs"), task, r.get("seconds"),
-                         r.get("note") or ("does not run" if "bytes" not in r else "")])
+                         _short(r.get("note") or "") or ("does not run" if "bytes" not in r else "")])
     lines.append(markdown_table(header, rows))
     if results["memory"]:
         lines += ["", "Peak memory (RSS, child process) of calibration, samples generated one at a time:", ""]

@@ -399,8 +399,7 @@ class Quantize(Pass):
             return None
         stats["quantized"] = len(kept)
         stats["quantized_ops"] = dict(Counter(n.op for n in work.graph.nodes if n.name in kept))
-        if dynamic or fmt == "dequantize":
-            stats.update(_kernel_fraction(q, len(kept), dynamic))
+        stats.update(_kernel_fraction(q, len(kept), dynamic))
         return q
 
 

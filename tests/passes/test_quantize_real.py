@@ -174,6 +174,8 @@ def test_accuracy_guard_reaches_cosine_099_on_ppocr(name):
 
 
 def test_cli_quantizes_with_percentile_calibration_from_an_npz(tmp_path):
+    """Exactly: onnxopt optimize m.onnx -o q.onnx -p "quantize(mode=static,method=percentile)"
+    --calib calib.npz (a .npz whose first axis is the samples, without their batch axis)."""
     from onnxopt.cli import main
 
     src = tmp_path / "cls.onnx"
@@ -182,7 +184,7 @@ def test_cli_quantizes_with_percentile_calibration_from_an_npz(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     out = tmp_path / "q.onnx"
     code = main(["optimize", str(src), "-o", str(out), "-p", "quantize(mode=static,method=percentile)",
-                 "--calib", str(tmp_path / "calib.npz"), "--shape", "x=1x3x48x192", "-q", "--runs", "0"])
+                 "--calib", str(tmp_path / "calib.npz")])
     assert code == 0
     q = Model.load(out)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op for n in q.graph.nodes}
