@@ -360,8 +360,9 @@ def run(models: list[str], quick: bool) -> dict:
 _SHORT = [
     (r"quant_pre_process raised \(Incomplete symbolic shape inference\); retried without symbolic shapes",
      "pre-process: symbolic shapes failed"),
-    (r"its output does not load \(.*?axis.*?\)\)?", "per-channel output does not load (opset < 13)"),
-    (r"its output does not load \(.*?\)", "output does not load"),
+    (r"its output does not load \(\[ONNXRuntimeError\] : 10 : INVALID_GRAPH[^;]*DequantizeLinear[^;]*",
+     "per-channel output does not load below opset 13 (Unrecognized attribute: axis for DequantizeLinear)"),
+    (r"its output does not load \([^;]*", "output does not load"),
     (r"retried on the model converted to opset 13", "rerun on the opset-13 model"),
 ]
 
@@ -413,7 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quantize")
     p.add_argument("--quick", action="store_true", help="fewer samples and runs (a smoke test)")
     p.add_argument("--models", default=",".join(PLAN), help="comma-separated subset")
+    p.add_argument("--from-results", action="store_true",
+                   help="only re-render the README table from benchmarks/results/quantize.json")
     args = p.parse_args(argv)
+    if args.from_results:
+        import json
+
+        from benchmarks.common import RESULTS
+
+        results = json.loads((RESULTS / "quantize.json").read_text())
+        update_readme("quantize", tables(results))
+        return 0
     print(machine_line(), flush=True)
     results = run([m for m in args.models.split(",") if m], args.quick)
     text = tables(results)

@@ -59,7 +59,13 @@ from .quantize_calibrate import METHODS, QParams, activation_qparams, choose_ran
 from .quantize_fusion import INTEGER_KERNELS, analyze_fusion
 from .quantize_plan import PROFILES, Plan, PlanContext, cheap_unit, make_plan, matches, tail_of
 from .quantize_prepare import already_quantized, fold_affine, upgrade_opset
-from .quantize_rewrite import apply_dynamic, apply_qdq, apply_weight_only, matmulnbits_available
+from .quantize_rewrite import (
+    apply_dynamic,
+    apply_dynamic_lstm,
+    apply_qdq,
+    apply_weight_only,
+    matmulnbits_available,
+)
 
 __all__ = ["Quantize"]
 
@@ -310,7 +316,7 @@ class Quantize(Pass):
         o = self.opts
         info = infer_shapes(work)
         dynamic = o.mode == "dynamic"
-        default_ops = ("MatMul", "Gemm") if dynamic else ("MatMul",)
+        default_ops = ("MatMul", "Gemm", "LSTM") if dynamic else ("MatMul",)
         op_types = tuple(o.op_types) if o.op_types else default_ops
         skipped: dict[str, int] = {}
         ctx_ = PlanContext(work.graph, info, int(work.opset_imports.get("", 13)))
@@ -325,8 +331,10 @@ class Quantize(Pass):
                     reason = f"{n.op} is not supported by mode={o.mode}"
                 else:
                     continue
-            elif n.op not in ("MatMul", "Gemm") or (not dynamic and n.op != "MatMul"):
+            elif n.op not in ("MatMul", "Gemm", "LSTM") or (not dynamic and n.op != "MatMul"):
                 reason = f"{n.op} is not supported by mode={o.mode}"
+            elif n.op == "LSTM":
+                reason = _lstm_reason(n, ctx_)
             elif n.name in firsts:
                 reason = "first layer kept in float (skip_first)"
             elif n.name in lasts:
@@ -378,7 +386,11 @@ class Quantize(Pass):
             ex = set(excluded)
             nodes = [n for n in q.graph.nodes if n.name in chosen and n.name not in ex]
             if dynamic:
-                apply_dynamic(q, nodes, NameAllocator(q), per_channel=o.per_channel, reduce_range=o.reduce_range)
+                names_q = NameAllocator(q)
+                lstms = [n for n in nodes if n.op == "LSTM"]
+                apply_dynamic(q, [n for n in nodes if n.op != "LSTM"], names_q, per_channel=o.per_channel,
+                              reduce_range=o.reduce_range)
+                apply_dynamic_lstm(q, lstms, names_q, per_channel=o.per_channel)
             elif nodes:
                 apply_weight_only(q, nodes, NameAllocator(q), bits=o.bits, block_size=o.block_size, fmt=fmt)
             return q
@@ -560,6 +572,18 @@ def _weight_reason(node: gs.Node, ctx: PlanContext, dynamic: bool, block: int) -
     return None
 
 
+def _lstm_reason(node: gs.Node, ctx: PlanContext) -> str | None:
+    if not ctx.is_float_act(node.inputs[0]):
+        return "input is not a float32 activation"
+    for t in node.inputs[1:3]:
+        w = const_value(t)
+        if w is None or np.asarray(w).dtype != np.float32 or np.asarray(w).ndim != 3:
+            return "LSTM weights are not float32 constants"
+    if node.attrs.get("layout", 0) or node.attrs.get("input_forget", 0):
+        return "LSTM with layout=1 or input_forget"
+    return None
+
+
 def _kernel_fraction(q: Model, count: int, dynamic: bool) -> dict:
     """How many rewritten MatMuls onnxruntime runs as integer kernels."""
     import os
@@ -575,7 +599,7 @@ def _kernel_fraction(q: Model, count: int, dynamic: bool) -> dict:
         except Exception as exc:
             return {"fused_fraction": 0.0, "fusion_error": str(exc)[:200]}
     ops = Counter(n.op_type for n in opt.graph.node)
-    kinds = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") if dynamic else ("MatMulNBits",)
+    kinds = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM") if dynamic else ("MatMulNBits",)
     fused = sum(ops.get(k, 0) for k in kinds)
     return {"fused_fraction": round(min(1.0, fused / count), 4),
             "integer_kernels": {k: v for k, v in sorted(ops.items()) if k in INTEGER_KERNELS}}

@@ -24,7 +24,7 @@ from .quantize_calibrate import QParams, activation_qparams, weight_scales
 from .quantize_plan import Plan, Unit
 from .quantize_prepare import drop_if_dead
 
-__all__ = ["Applied", "apply_qdq", "apply_dynamic", "apply_weight_only", "matmulnbits_available",
+__all__ = ["Applied", "apply_qdq", "apply_dynamic", "apply_dynamic_lstm", "apply_weight_only", "matmulnbits_available",
            "quantize_weight"]
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,45 @@ def apply_dynamic(model: Model, nodes: list[gs.Node], names: NameAllocator, *, p
         drop_if_dead(graph, t, model)
     toposort(graph)
     return count
+
+
+def apply_dynamic_lstm(model: Model, nodes: list[gs.Node], names: NameAllocator, *, per_channel: bool) -> int:
+    """Rewrite each LSTM of ``nodes`` (constant W and R) as onnxruntime's
+    ``DynamicQuantizeLSTM``: int8 weights, transposed to [directions, input, 4*hidden],
+    activations quantized inside the kernel at run time."""
+    graph = model.graph
+    new_nodes: list[gs.Node] = []
+    released: list[gs.Tensor] = []
+    for node in nodes:
+        base = node.name or node.op
+        inputs = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
+        quantized = []
+        for t in (inputs[1], inputs[2]):
+            w = np.asarray(const_value(t), np.float32).transpose(0, 2, 1)  # [dirs, in, 4h]
+            # one scale per direction (and per gate column with per_channel): [dirs(, 4h)]
+            per_dir = [quantize_weight(np.ascontiguousarray(w[d]), 1 if per_channel else None)
+                       for d in range(w.shape[0])]
+            q = np.stack([x[0] for x in per_dir])
+            s = np.stack([np.asarray(x[1], np.float32).reshape(-1) if per_channel else np.asarray(x[1]).reshape(())
+                          for x in per_dir])
+            quantized += [_const(names, f"{t.name}_quantized", q), _const(names, f"{t.name}_scale", s),
+                          _const(names, f"{t.name}_zero_point", np.zeros(s.shape, np.int8))]
+            released.append(t)
+        wq, ws, wz, rq, rs, rz = quantized
+        new_nodes.append(gs.Node("DynamicQuantizeLSTM", names(f"{base}_DynamicQuantizeLSTM"), domain=MS,
+                                 attrs=dict(node.attrs),
+                                 inputs=[inputs[0], wq, rq, *inputs[3:8], ws, wz, rs, rz],
+                                 outputs=list(node.outputs)))
+        node.inputs.clear()
+        node.outputs.clear()
+    dead = {id(n) for n in nodes}
+    graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
+    for t in released:
+        drop_if_dead(graph, t, model)
+    toposort(graph)
+    if nodes:
+        model.opset_imports.setdefault(MS, 1)
+    return len(nodes)
 
 
 # --------------------------------------------------------------------------------------

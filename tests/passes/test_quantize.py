@@ -476,3 +476,22 @@ def test_same_input_and_options_give_the_same_bytes():
     a = run_pass("quantize", CONV, ctx_for(CONV, CONV_CAL), method="entropy")
     b = run_pass("quantize", CONV, ctx_for(CONV, CONV_CAL), method="entropy")
     assert a.model.to_bytes() == b.model.to_bytes()
+
+
+def test_dynamic_mode_quantizes_lstm_weights():
+    hidden, inp = 8, 4
+    w = RNG.standard_normal((1, 4 * hidden, inp)).astype(np.float32) * 0.5
+    r = RNG.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.5
+    b = RNG.standard_normal((1, 8 * hidden)).astype(np.float32) * 0.1
+    model = with_weights(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[T, N, {inp}] x, float[1, {4 * hidden}, {inp}] w, float[1, {4 * hidden}, {hidden}] r,
+           float[1, {8 * hidden}] b) => (float[T, 1, N, {hidden}] y)
+        {{ y = LSTM <hidden_size = {hidden}> (x, w, r, b) }}
+    """, w=w, r=r, b=b)
+    ran = run_pass("quantize", model, PassContext(reference=model), mode="dynamic")
+    node = next(n for n in ran.model.graph.nodes if n.op == "DynamicQuantizeLSTM")
+    assert node.domain == "com.microsoft" and ran.stats["quantized_ops"] == {"LSTM": 1}
+    assert np.asarray(const_value(node.inputs[1])).shape == (1, inp, 4 * hidden)  # transposed int8 W
+    feeds = [{"x": RNG.standard_normal((5, 2, inp)).astype(np.float32)} for _ in range(3)]
+    assert cosine(model, ran.model, feeds) > 0.99
