@@ -113,7 +113,27 @@ class _Reader:
         self.it = iter(self.feeds)
 
 
+class _InFolder:
+    """Run onnxruntime's quantization tools inside a scratch folder: they write temporary
+    files (sym_shape_infer_temp.onnx, external data) into the current one."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self):
+        self.old = os.getcwd()
+        os.chdir(self.folder)
+
+    def __exit__(self, *exc):
+        os.chdir(self.old)
+
+
 def ort_static(src, cal, tmp: Path, activations: str) -> tuple[bytes | None, float, str]:
+    with _InFolder(tmp):
+        return _ort_static(src, cal, tmp, activations)
+
+
+def _ort_static(src, cal, tmp: Path, activations: str) -> tuple[bytes | None, float, str]:
     """onnxruntime's quantize_static: QDQ, per-channel, MinMax, after quant_pre_process.
     Failures are recorded; a per-channel result that does not load below opset 13 is
     retried on the model converted to opset 13 (the fairest chance we can give it)."""
@@ -163,6 +183,11 @@ def ort_static(src, cal, tmp: Path, activations: str) -> tuple[bytes | None, flo
 
 
 def ort_dynamic(src, tmp: Path) -> tuple[bytes | None, float, str]:
+    with _InFolder(tmp):
+        return _ort_dynamic(src, tmp)
+
+
+def _ort_dynamic(src, tmp: Path) -> tuple[bytes | None, float, str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = tmp / "src_dyn.onnx"
@@ -230,7 +255,7 @@ def fused(data: bytes) -> float | None:
 
 def calibrate_in_child(name: str, n: int, tool: str) -> int:
     """Calibrate ``name`` on ``n`` samples, generated one at a time (child process)."""
-    src, _, _, _ = model_data(name, n_cal=0, n_eval=0)
+    src, _, _, _ = model_data(name, n_cal=1, n_eval=1)
 
     def stream():
         # regenerate lazily: the samples are never all in memory
@@ -255,7 +280,7 @@ def calibrate_in_child(name: str, n: int, tool: str) -> int:
         def get_next(self):
             return next(self.it, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _InFolder(Path(tmp)):
         path = Path(tmp) / "m.onnx"
         proto = onnx.load(src) if isinstance(src, (str, Path)) else src
         onnx.save(proto, path)
@@ -341,7 +366,8 @@ def run(models: list[str], quick: bool) -> dict:
             for variant, ms in lat.items():
                 rows[variant][f"ms_{threads}t"] = ms
                 rows[variant][f"speedup_{threads}t"] = lat["fp32"] / ms
-        rows["fp32"].update(fidelity(fp32, fp32, ev[:1], task) if task is not None else {})
+        if task is not None:
+            rows["fp32"].update(fidelity(fp32, fp32, ev, task))
         results["models"][name] = rows
     if not quick:
         for name in ("ppocr-cls", "minilm"):
