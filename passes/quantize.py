@@ -679,8 +679,9 @@ class _Guard:
             for name in layers:
                 alone = build([x for x in layers if x != name])
                 m = self.measure(alone)
-                s = 1.0 - m["cosine"]
-                if m["top1"] is not None:
+                # the loss in the bounded metrics: cosine, top-1 agreement, or both
+                s = 1.0 - m["cosine"] if self.min_cosine is not None else 0.0
+                if self.min_top1 is not None and m["top1"] is not None:
                     s = max(s, 1.0 - m["top1"])
                 sensitivity[name] = s
                 advance(1)
