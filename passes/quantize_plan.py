@@ -8,12 +8,17 @@ the tensor whose QuantizeLinear ends it. Two profiles:
 ``ort-cpu`` places Q/DQ exactly where onnxruntime's CPU provider fuses them into integer
 kernels (its QDQ selectors): Conv → QLinearConv (output quantized; a Relu/Clip right after
 is absorbed), MatMul → MatMulIntegerToFloat or QLinearMatMul, Gemm (and MatMul + bias Add
-on 2-D inputs, with the bias as int32) → QGemm. Cheap ops that onnxruntime also runs on
+on 2-D inputs, with the bias as int32) → QGemm. Depthwise convolutions (measured 3-4x
+slower in onnxruntime's int8 kernel than in its float NCHWc one; ``depthwise=true``
+quantizes them anyway) and convolutions over 1x1 maps (squeeze-excitation: nothing to
+gain, and the float op after them would end up sandwiched in Q/DQ) stay float. Cheap ops
+that onnxruntime also runs on
 8-bit data (Add, Mul, pooling, Concat, Sigmoid, Softmax, LeakyRelu; Reshape, Transpose,
 MaxPool, Resize ... which keep the input's scale) are quantized only where that saves
-conversions: an op whose neighbours are int8 runs int8 rather than paying a
-DequantizeLinear before it and a QuantizeLinear after it; an op between float neighbours
-stays float. No Q/DQ pair is left around an op that would run in float anyway.
+conversions — alone or as a connected group (x * Sigmoid(x)): an op whose neighbours are
+int8 runs int8 rather than paying a DequantizeLinear before it and a QuantizeLinear after
+it; an op between float neighbours stays float. No Q/DQ pair is left around an op that
+would run in float anyway; the fused fraction (``quantize_fusion``) checks it.
 
 ``tensorrt`` follows NVIDIA's explicit-quantization placement for TensorRT: symmetric
 int8 (zero point 0) Q/DQ on the activation inputs of Conv, ConvTranspose, Gemm and MatMul,
