@@ -416,7 +416,15 @@ def tables(results: dict) -> str:
     lines = [f"Measured on {machine_line(m)}; calibration {results['calibration_samples']} samples, "
              f"evaluation {results['evaluation_samples']} other samples; latency = median of interleaved runs "
              f"(ORT_ENABLE_ALL, CPU provider), as a speed-up over fp32 (above 1 is faster). The machine is "
-             "shared with other work: timings are noisy.", ""]
+             "shared with other work: timings are noisy.",
+             "",
+             "Inputs: PP-OCR calibration and evaluation images are text rendered with Pillow's bundled font "
+             "(`models/ocr_data.py`, different seeds; the cls task is the direction of lines turned 180°); "
+             "MiniLM gets random token ids in padded batches of ragged lengths (no tokenizer ships with it); "
+             "digits uses its train split to calibrate and its test split to measure accuracy. "
+             "`onnxopt int8` is `quantize` with its defaults (ort-cpu, u8, per-channel, minmax: the settings "
+             "of `ort static u8`); `onnxopt int8 + guard` is the `int8` preset. `fused` is the fused fraction "
+             "measured the same way for every model (`onnxopt.passes.quantize_fusion`).", ""]
     header = ["model", "variant", "size ×", "speed-up 1 thread", f"speed-up {cores} threads", "fused",
               "cosine", "max abs", "task", "quantize s", "note"]
     rows = []
