@@ -44,18 +44,22 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-compress
+bench: bench-simplify bench-quantize bench-compress
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
 bench-simplify: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.simplify $(BENCH_ARGS)
 
+bench-quantize: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.quantize $(BENCH_ARGS)
+
 bench-compress: $(BENCH_STAMP) models
 	$(BIN)/python benchmarks/compress.py
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
+
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -118,15 +118,28 @@ def session_seconds(model, *, repeat: int = 5) -> float:
     return median(values)
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux keeps ``ru_maxrss`` across
+    exec, so a spawned child would report at least its parent's peak: VmHWM (per address
+    space) is read instead where /proc has it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(fn, args, queue):
     try:
         t0 = time.perf_counter()
         result = fn(*args)
         seconds = time.perf_counter() - t0
-        queue.put(("ok", result, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        queue.put(("ok", result, seconds, _peak_rss()))
     except BaseException as exc:  # report, do not hang the parent
         queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                   0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+                   0.0, _peak_rss()))
 
 
 def peak_rss_of(fn: Callable, *args, timeout: float = 1800) -> dict:

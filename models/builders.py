@@ -10,6 +10,7 @@ onnxruntime; the same call gives the same bytes (weights come from a seeded gene
 * :func:`dead_branches` — dead nodes and initializers, duplicate weights, Identity and
   Dropout no-ops, an unused local function, value_info and opset import.
 * :func:`demo` — the model ``make demo`` optimizes: a CNN with all of the above.
+* :func:`transformer` — a small BERT-like encoder (:mod:`models.transformer`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["BUILDERS", "build", "cnn", "mlp", "control_flow", "dead_branches", "demo"]
+__all__ = ["BUILDERS", "build", "cnn", "mlp", "control_flow", "dead_branches", "demo", "transformer"]
 
 OPSET = 17
 IR_VERSION = 8
@@ -218,8 +219,16 @@ def digits(seed: int = 0) -> onnx.ModelProto:
     return digits_mlp(seed=seed)
 
 
+def transformer(seed: int = 0) -> onnx.ModelProto:
+    """A small BERT-like encoder (2 blocks, MatMul-heavy): see :mod:`models.transformer`."""
+    from .transformer import transformer as build_transformer
+
+    return build_transformer(seed)
+
+
 BUILDERS = {
     "cnn": cnn,
+    "transformer": transformer,
     "digits": digits,
     "mlp": mlp,
     "control_flow": control_flow,

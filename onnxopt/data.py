@@ -216,7 +216,7 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], *, what: str = "f
             if isinstance(d, int) and d > 0 and d != n:
                 raise error(f"{what}: input '{name}' has {n} on axis {axis}, the model wants {d} "
                             f"({spec.describe()})")
-            if isinstance(d, str) and d:
+            if isinstance(d, str) and d and d != "?":  # '?' is an exporter's "unknown", not a name
                 if symbols.setdefault(d, n) != n:
                     raise error(f"{what}: dimension '{d}' is {symbols[d]} in one input and {n} "
                                 f"in '{name}'")
@@ -302,7 +302,7 @@ def _fit_batch_axis(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, 
         arr = np.asarray(arr)
         spec = specs.get(name)
         if (spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1
-                and (spec.shape[0] in (1, None) or isinstance(spec.shape[0], str))):
+                and (spec.shape[0] in (1, None) or isinstance(spec.shape[0], str) or spec.shape[0] < 1)):
             arr = arr[None]
         out[name] = arr
     return out

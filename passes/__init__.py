@@ -12,8 +12,10 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     dead_nodes,
     dedup_weights,
     fold_batchnorm,
+    fp16,
     materialize,
     prune_magnitude,
+    quantize,
     share_weights,
 )
 
@@ -21,4 +23,27 @@ register_preset(
     "default",
     "[dead-nodes]",
     "the exact clean-up passes, run to a fixed point",
+)
+
+register_preset(
+    "int8",
+    "quantize(mode=static,method=percentile,min_cosine=0.995)",
+    "static int8 for onnxruntime's CPU provider: u8 activations, per-channel weights, percentile "
+    "calibration, accuracy guard at cosine 0.995 on calibration data, which leaves a margin for "
+    "unseen data (needs --calib)",
+)
+register_preset(
+    "int8-tensorrt",
+    "quantize(mode=static,profile=tensorrt,method=percentile,min_cosine=0.995)",
+    "symmetric int8 Q/DQ placed for TensorRT's explicit quantization (needs --calib)",
+)
+register_preset(
+    "int8-dynamic",
+    "quantize(mode=dynamic)",
+    "int8 MatMul/Gemm weights, activations quantized at run time (no calibration)",
+)
+register_preset(
+    "int4",
+    "quantize(mode=weight-only,bits=4)",
+    "blockwise int4 MatMul weights (MatMulNBits on the CPU provider; no calibration)",
 )
