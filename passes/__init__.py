@@ -7,7 +7,10 @@ and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 
 from onnxopt.framework import register_preset
 
-from . import dead_nodes  # noqa: F401  (registers the pass)
+from . import (
+    dead_nodes,  # noqa: F401  (registers the pass)
+    fold_constants,  # noqa: F401
+)
 
 register_preset(
     "default",
@@ -15,4 +18,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes"]
+__all__ = ["dead_nodes", "fold_constants"]
