@@ -12,7 +12,11 @@ precautions on top of it:
   hold on every iteration (a loop-carried value can grow): those tensors, the Loop/Scan
   outputs and everything computed from them keep their dtype but get no shape.
 
-Constants answer from their own value (never loaded for it).
+Where ONNX inference gives up on a shape it could have ranked — ``Reshape`` before
+opset 13 with a computed target says nothing, although the target's length is the
+output's rank — the rank (and the dimensions an elementwise op carries through) is
+filled in for the common operators, so that one dynamic Reshape does not blind every
+rewrite downstream of it. Constants answer from their own value (never loaded for it).
 """
 
 from __future__ import annotations
@@ -37,6 +41,39 @@ def known_dims(shape) -> tuple | None:
     if shape is None:
         return None
     return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+#: Ops whose output has the shape of their first input.
+_SAME_SHAPE = frozenset({
+    "Identity", "Cast", "CastLike", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish",
+    "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Not",
+    "Sin", "Cos", "Clip", "Softmax", "LogSoftmax", "Hardmax", "BatchNormalization",
+    "LayerNormalization", "InstanceNormalization", "LpNormalization", "Dropout", "IsNaN", "IsInf",
+    "CumSum", "ThresholdedRelu", "Shrink",
+})
+#: Elementwise ops with multidirectional broadcasting.
+_BROADCAST = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Equal", "Greater",
+    "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Where", "Mod", "BitShift",
+})
+#: Ops whose output has the rank of their first input (dimensions may change).
+_SAME_RANK = frozenset({
+    "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "LRN", "Resize", "Upsample", "Pad", "Slice", "Tile", "Concat",
+    "DepthToSpace", "SpaceToDepth",
+})
+
+
+def _plain_graphs(graph: gs.Graph):
+    """The graphs outside any Loop/Scan body (those keep no shapes at all)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.nodes:
+            if node.op not in _LOOPING:
+                stack.extend(node_subgraphs(node))
 
 
 class ShapeIndex:
@@ -81,6 +118,59 @@ class ShapeIndex:
             if taint or id(t) in tainted:
                 info = TensorInfo(info.dtype, None)
             self._info[id(t)] = info
+        self._fill_ranks(model, tainted)
+
+    def _fill_ranks(self, model: Model, tainted: set[int]) -> None:
+        """Ranks (and carried dimensions) ONNX inference left out, in graph order."""
+        for g in _plain_graphs(model.graph):
+            for node in g.nodes:
+                if node.domain not in (None, "", "ai.onnx") or not node.outputs:
+                    continue
+                out = node.outputs[0]
+                if not out.name or id(out) in tainted or isinstance(out, gs.Constant):
+                    continue
+                have = self._info.get(id(out))
+                if have is not None and have.shape is not None:
+                    continue
+                shape = self._rule(node)
+                if shape is not None:
+                    self._info[id(out)] = TensorInfo(have.dtype if have is not None else None, shape)
+
+    def _rule(self, node: gs.Node) -> tuple | None:
+        op, ins = node.op, node.inputs
+        if op in _SAME_SHAPE:
+            return self.dims(ins[0]) if ins else None
+        if op in _BROADCAST:
+            shapes = [self.dims(t) for t in ins if t.name]
+            if not shapes or any(s is None for s in shapes):
+                return None
+            rank = max(len(s) for s in shapes)
+            out = []
+            for axis in range(rank):
+                seen = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0}
+                known = {d for d in seen if d is not None and d != 1}
+                if None in seen or len(known) > 1:
+                    out.append(None)
+                else:
+                    out.append(known.pop() if known else 1)
+            return tuple(out)
+        if op in _SAME_RANK:
+            rank = self.rank(ins[0]) if ins else None
+            return None if rank is None else (None,) * rank
+        if op == "Reshape" and len(ins) > 1:
+            target = self.static(ins[1])
+            return None if target is None or len(target) != 1 else (None,) * target[0]
+        if op == "Transpose":
+            perm = node.attrs.get("perm")
+            dims = self.dims(ins[0])
+            if dims is None:
+                return None if perm is None else (None,) * len(perm)
+            perm = perm if perm is not None else list(reversed(range(len(dims))))
+            return tuple(dims[p] for p in perm) if len(perm) == len(dims) else None
+        if op == "MatMul":
+            a, b = self.rank(ins[0]), self.rank(ins[1])
+            return None if a is None or b is None or a < 2 or b < 2 else (None,) * max(a, b)
+        return None
 
     def info(self, t: gs.Tensor) -> TensorInfo | None:
         """What is known of ``t`` (dtype and shape as inferred), or None."""
