@@ -9,7 +9,9 @@ from onnxopt.framework import register_preset
 
 from . import (
     dead_nodes,  # noqa: F401  (registers the pass)
+    eliminate_noops,  # noqa: F401
     fold_constants,  # noqa: F401
+    fuse,  # noqa: F401
 )
 
 register_preset(
@@ -18,4 +20,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes", "fold_constants"]
+__all__ = ["dead_nodes", "eliminate_noops", "fold_constants", "fuse"]

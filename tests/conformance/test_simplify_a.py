@@ -16,7 +16,7 @@ from tests.conformance.test_node_cases import CASES, _feed
 from tests.conformance.test_real_models import PPOCR_SHAPES
 from tests.helpers import REAL_MODEL_NAMES, real_model
 
-PIPELINE = "[dead-nodes,fold-constants]"
+PIPELINE = "[dead-nodes,fold-constants,eliminate-noops,fuse]"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
