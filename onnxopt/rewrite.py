@@ -22,12 +22,32 @@ from .model import Model, extras, iter_graphs, node_subgraphs
 __all__ = ["drop_nodes", "prune_unused"]
 
 
-def _disconnect(node: gs.Node) -> None:
-    for sub in node_subgraphs(node):
-        for inner in sub.nodes:
-            _disconnect(inner)
-    node.inputs.clear()
-    node.outputs.clear()
+def _unlink(nodes: list[gs.Node]) -> None:
+    """Unlink ``nodes`` (and every node of their subgraphs) from the tensors they touch.
+
+    gs keeps both directions of each edge in lists and removes one entry by scanning
+    (``list.remove``, comparing nodes field by field); removing the many readers of one
+    shared constant that way is quadratic. Here every touched tensor's lists are filtered
+    once instead.
+    """
+    every: list[gs.Node] = []
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        every.append(n)
+        for sub in node_subgraphs(n):
+            stack.extend(sub.nodes)
+    gone = {id(n) for n in every}
+    tensors: dict[int, gs.Tensor] = {}
+    for n in every:
+        for t in itertools.chain(n.inputs, n.outputs):
+            tensors[id(t)] = t
+    for t in tensors.values():
+        list.__setitem__(t.outputs, slice(None), [c for c in t.outputs if id(c) not in gone])
+        list.__setitem__(t.inputs, slice(None), [p for p in t.inputs if id(p) not in gone])
+    for n in every:
+        list.clear(n.inputs)
+        list.clear(n.outputs)
 
 
 def drop_nodes(model: Model, dead: set[int]) -> list[gs.Tensor]:
@@ -36,16 +56,18 @@ def drop_nodes(model: Model, dead: set[int]) -> list[gs.Tensor]:
     read: list[gs.Tensor] = []
     if not dead:
         return read
+    removed: list[gs.Node] = []
     for g in iter_graphs(model.graph):
-        removed = [n for n in g.nodes if id(n) in dead]
-        if not removed:
+        if not any(id(n) in dead for n in g.nodes):
             continue
+        gone = [n for n in g.nodes if id(n) in dead]
         g.nodes = [n for n in g.nodes if id(n) not in dead]
-        for n in removed:
+        for n in gone:
             read.extend(t for t in n.inputs if t.name)
             if node_subgraphs(n):
                 read.extend(implicit_inputs(n))
-            _disconnect(n)
+        removed.extend(gone)
+    _unlink(removed)
     return read
 
 
@@ -60,33 +82,50 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
     outputs = graph_outputs(model.graph)
     holders = {id(t) for g in iter_graphs(model.graph) for t in itertools.chain(g.inputs, g.outputs)}
     dead: set[int] = set()
-    constants: list[gs.Constant] = []
+    readers: dict[int, int] = {}  # id(tensor) -> readers not (yet) dead
+
+    def live_readers(t: gs.Tensor) -> int:
+        if id(t) not in readers:
+            readers[id(t)] = sum(1 for c in t.outputs if id(c) not in dead)
+        return readers[id(t)]
+
+    def die(p: gs.Node) -> list[gs.Tensor]:
+        """Mark ``p`` (and the nodes of its subgraphs) dead; return what they read."""
+        freed: list[gs.Tensor] = []
+        nested = [p]
+        while nested:
+            n = nested.pop()
+            dead.add(id(n))
+            for x in n.inputs:
+                if x.name:
+                    freed.append(x)
+                    if id(x) in readers:
+                        readers[id(x)] -= 1
+            for sub in node_subgraphs(n):
+                nested.extend(sub.nodes)
+        return freed
+
+    constants: dict[int, gs.Constant] = {}
     stack = [t for t in tensors if t.name]
     while stack:
         t = stack.pop()
-        if id(t) in outputs or id(t) in holders:
-            continue
-        if any(id(c) not in dead for c in t.outputs):
+        if id(t) in outputs or id(t) in holders or live_readers(t) > 0:
             continue
         if isinstance(t, gs.Constant):
-            constants.append(t)
+            constants[id(t)] = t
             continue
         if len(t.inputs) != 1:
             continue
         p = t.inputs[0]
         if id(p) in dead:
             continue
-        if any(o.name and (id(o) in outputs or any(id(c) not in dead for c in o.outputs)) for o in p.outputs):
+        if any(o.name and (id(o) in outputs or live_readers(o) > 0) for o in p.outputs):
             continue
-        dead.add(id(p))
-        stack.extend(x for x in p.inputs if x.name)
-        if node_subgraphs(p):
-            stack.extend(implicit_inputs(p))
-            stack.extend(c for sub in node_subgraphs(p) for c in _body_constants(sub))
-    removed_before = sum(len(g.nodes) for g in iter_graphs(model.graph))
+        stack.extend(die(p))
+    before = sum(len(g.nodes) for g in iter_graphs(model.graph))
     drop_nodes(model, dead)
-    removed = removed_before - sum(len(g.nodes) for g in iter_graphs(model.graph))
-    unused = {id(t) for t in constants if not t.outputs}
+    removed = before - sum(len(g.nodes) for g in iter_graphs(model.graph))
+    unused = {i for i, t in constants.items() if not t.outputs}
     released = 0
     if unused:
         for g in iter_graphs(model.graph):
@@ -95,13 +134,3 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
             released += len(ext.initializers) - len(kept)
             ext.initializers = kept
     return removed, released
-
-
-def _body_constants(g: gs.Graph) -> list[gs.Constant]:
-    """Constants read by the nodes of a subgraph (outer ones included)."""
-    found = []
-    for n in g.nodes:
-        found.extend(t for t in n.inputs if isinstance(t, gs.Constant))
-        for sub in node_subgraphs(n):
-            found.extend(_body_constants(sub))
-    return found
