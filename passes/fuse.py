@@ -96,6 +96,7 @@ class Fuse(Pass):
                     if done:
                         state.fused[f"fused_{name.replace('-', '_')}"] += 1
                         break
+        state.settle()
         read = drop_nodes(model, state.dead)
         pruned, released = prune_unused(model, read + state.touched)
         stats = {"fused": sum(state.fused.values()), "nodes_removed": len(state.dead) + pruned,
@@ -117,6 +118,7 @@ class _State:
         self.fused: Counter = Counter()
         self.kept: Counter = Counter()
         self._names: NameAllocator | None = None
+        self._stale: dict[int, gs.Tensor] = {}
 
     def name(self, hint: str) -> str:
         if self._names is None:
@@ -141,11 +143,32 @@ class _State:
         return p
 
     def kill(self, *nodes: gs.Node) -> None:
+        """Mark nodes removed (unlinked in bulk at the end: see :meth:`settle`)."""
         for n in nodes:
             self.touched.extend(t for t in n.inputs if t.name)
             self.dead.add(id(n))
-            n.inputs.clear()
-            n.outputs.clear()
+
+    def rewire(self, node: gs.Node, inputs: list[gs.Tensor]) -> None:
+        """Give ``node`` new inputs. The readers lists of the tensors it stops reading are
+        fixed in bulk by :meth:`settle`: removing one entry at a time scans the list, which
+        is quadratic for a constant shared by thousands of nodes."""
+        old = list(node.inputs)
+        list.__setitem__(node.inputs, slice(None), list(inputs))
+        for t in inputs:
+            list.append(t.outputs, node)
+        for t in old:
+            self._stale[id(t)] = t
+            self.touched.append(t)
+
+    def settle(self) -> None:
+        for t in self._stale.values():
+            fixed, seen = [], set()
+            for c in t.outputs:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    fixed.extend(c for x in c.inputs if x is t)
+            list.__setitem__(t.outputs, slice(None), fixed)
+        self._stale.clear()
 
     def float_dtype(self, *tensors: gs.Tensor) -> np.dtype:
         dtypes = {self.index.dtype(t) for t in tensors}
@@ -171,8 +194,7 @@ def _take_output(producer: gs.Node, consumer: gs.Node) -> None:
     """Make ``producer`` produce ``consumer``'s output (keeping its name and type) and
     remove ``consumer``."""
     out = consumer.outputs[0]
-    consumer.inputs.clear()
-    consumer.outputs.clear()
+    consumer.outputs.clear()  # its inputs are unlinked with the other removed nodes
     producer.outputs[0] = out
 
 
@@ -227,13 +249,7 @@ def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         raise _Skip("ir3_no_new_initializers")
     new_bias = gs.Constant(state.name(f"{conv.name or 'conv'}_bias"), values=bias.astype(dt))
     state.touched.extend(t for t in add.inputs if t.name)
-    if old_bias is not None:
-        state.touched.append(old_bias)
-        conv.inputs[2] = new_bias
-    else:
-        while len(conv.inputs) < 2:
-            conv.inputs.append(gs.Variable.empty())
-        conv.inputs.append(new_bias)
+    state.rewire(conv, [conv.inputs[0], conv.inputs[1], new_bias])
     _take_output(conv, add)
     state.dead.add(id(add))
     return True
@@ -273,10 +289,7 @@ def _gemm_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         new_c = gs.Constant(state.name(f"{gemm.name or 'gemm'}_c"), values=merged)
         state.touched.append(old_c)
     state.touched.extend(t for t in add.inputs if t.name)
-    if len(gemm.inputs) == 2:
-        gemm.inputs.append(new_c)
-    else:
-        gemm.inputs[2] = new_c
+    state.rewire(gemm, [gemm.inputs[0], gemm.inputs[1], new_c])
     gemm.attrs["beta"] = 1.0
     _take_output(gemm, add)
     state.dead.add(id(add))
@@ -323,7 +336,7 @@ def _matmul_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         raise _Skip("bias_gelu")
     c_tensor = _other(add, y)
     _set_op(mm, "Gemm")
-    mm.inputs.append(c_tensor)
+    state.rewire(mm, [a, b, c_tensor])
     _take_output(mm, add)
     state.dead.add(id(add))
     return True
@@ -353,14 +366,11 @@ def _transpose_transpose(state: _State, g: gs.Graph, outer: gs.Node) -> bool:
         raise _Skip("rank_mismatch")
     composed = [p_in[p] for p in p_out]
     x = inner.inputs[0]
-    mid = outer.inputs[0]
     if composed == list(range(len(composed))) and bypass(g, outer.outputs[0], x):
         state.kill(outer)
-        state.touched.append(mid)
         return True
-    outer.inputs[0] = x
+    state.rewire(outer, [x])
     outer.attrs["perm"] = composed
-    state.touched.append(mid)
     return True
 
 
@@ -379,8 +389,7 @@ def _reshape_reshape(state: _State, g: gs.Graph, outer: gs.Node) -> bool:
         raise _Skip("target_not_constant")
     if np.any(target == 0):
         raise _Skip("target_copies_dims")  # 0 copies a dimension of the inner result
-    outer.inputs[0] = inner.inputs[0]
-    state.touched.append(mid)
+    state.rewire(outer, [inner.inputs[0], outer.inputs[1]])
     return True
 
 
@@ -486,17 +495,14 @@ def _hardswish(state: _State, g: gs.Graph, final: gs.Node) -> bool:
     state.touched.extend(t for n in (add, clip, *chain) for t in n.inputs if t.name)
     if state.opset >= 14:
         state.kill(add, clip, chain[1])
-        final.inputs.clear()
-        final.inputs.append(x)
+        state.rewire(final, [x])
         _set_op(final, "HardSwish")
         return True
     # Before opset 14: x * HardSigmoid(x), HardSigmoid(x) = clip(x/6 + 1/2, 0, 1).
     state.kill(add, chain[1])
-    clip.inputs.clear()
-    clip.inputs.append(x)
+    state.rewire(clip, [x])
     _set_op(clip, "HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5})
-    final.inputs.clear()
-    final.inputs.extend([x, clip_out])
+    state.rewire(final, [x, clip_out])
     _set_op(final, "Mul")
     return True
 
