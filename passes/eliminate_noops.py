@@ -22,9 +22,8 @@ When is it safe:
   only as padding of real biases, so it is removed too.
 
 Graph outputs keep their names (:func:`onnxopt.graph.bypass`): where an output cannot
-take another tensor's name (the node maps a graph input or a constant straight to a
-graph output, or the tensor is read by name as a subgraph's output) the node is kept
-and counted. Nodes of other domains are never touched. Subgraphs are handled like the
+take another tensor's name (the node maps a graph input, a constant or, in a subgraph,
+an outer-scope tensor straight to a graph output) the node is kept and counted. Nodes of other domains are never touched. Subgraphs are handled like the
 main graph.
 """
 
@@ -38,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxopt.framework import Pass, PassContext, PassResult, register
-from onnxopt.graph import bypass, const_value, graph_outputs
+from onnxopt.graph import bypass, const_value
 from onnxopt.model import Model, iter_graphs
 from onnxopt.rewrite import drop_nodes, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
@@ -88,16 +87,12 @@ class EliminateNoops(Pass):
 
         removed: Counter = Counter()
         kept: Counter = finder.kept
-        outputs = graph_outputs(model.graph)
         dead: set[int] = set()
         for g, node, source in found:
             out = node.outputs[0]
             src = _source_tensor(node, source)
             if src is None:
                 kept["rewired"] += 1  # an earlier bypass changed what this node reads
-                continue
-            if id(out) in outputs and not any(out is t for t in g.outputs):
-                kept["subgraph_output"] += 1  # a body's output names it: renaming would break the body
                 continue
             if not bypass(g, out, src):
                 kept["graph_output"] += 1
@@ -171,6 +166,8 @@ class _Finder:
     def broadcast_keeps(self, x: gs.Tensor, c: np.ndarray) -> bool | None:
         """Whether broadcasting ``c`` against ``x`` leaves ``x``'s shape as it is (None:
         cannot tell, the shape of ``x`` is not known well enough)."""
+        if c.ndim == 0:
+            return True
         dims = self.index.dims(x)
         if dims is None:
             return None
