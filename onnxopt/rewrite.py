@@ -14,12 +14,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import graph_outputs, implicit_inputs
-from .model import Model, extras, iter_graphs, node_subgraphs
+from .graph import const_value, graph_outputs, implicit_inputs
+from .model import Model, extras, iter_graphs, node_subgraphs, tensor_nbytes
 
-__all__ = ["drop_nodes", "prune_unused"]
+__all__ = ["drop_nodes", "prune_unused", "small_const"]
 
 
 def _unlink(nodes: list[gs.Node]) -> None:
@@ -122,9 +123,8 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
         if any(o.name and (id(o) in outputs or live_readers(o) > 0) for o in p.outputs):
             continue
         stack.extend(die(p))
-    before = sum(len(g.nodes) for g in iter_graphs(model.graph))
     drop_nodes(model, dead)
-    removed = before - sum(len(g.nodes) for g in iter_graphs(model.graph))
+    removed = len(dead)  # the nodes of removed subgraphs included
     unused = {i for i, t in constants.items() if not t.outputs}
     released = 0
     if unused:
@@ -134,3 +134,22 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
             released += len(ext.initializers) - len(kept)
             ext.initializers = kept
     return removed, released
+
+
+def small_const(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | None:
+    """The value of a constant of at most ``limit`` bytes, else None.
+
+    Pattern matchers ask "is this operand a zero, a one, a per-channel vector?" of every
+    operand they meet; a large weight is never the answer, and loading it to find out
+    would pull (and keep) external data into memory.
+    """
+    if not t.name:
+        return None
+    if isinstance(t, gs.Constant):
+        if tensor_nbytes(t) > limit:
+            return None
+    elif len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        held = t.inputs[0].attrs.get("value")
+        if isinstance(held, gs.Constant) and tensor_nbytes(held) > limit:
+            return None
+    return const_value(t)

@@ -6,7 +6,7 @@ import onnx
 
 from onnxopt.graph import replace_uses
 from onnxopt.model import extras
-from onnxopt.rewrite import drop_nodes, prune_unused
+from onnxopt.rewrite import drop_nodes, prune_unused, small_const
 from tests.helpers import ops, parse
 
 
@@ -54,3 +54,21 @@ def test_drop_nodes_unlinks_from_a_widely_shared_constant():
     assert len(model.graph.nodes) == 25 and len(c.outputs) == 25
     assert all(any(c is t for t in n.inputs) for n in c.outputs)
     assert sum(1 for t in read if t is c) == 25
+
+
+def test_small_const_does_not_load_large_weights():
+    import numpy as np
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnxopt import Model
+
+    proto = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[512,1024] x) => (float[512,1024] y) { y = Add(x, w) }
+    """)
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((512, 1024), np.float32), "w"))
+    model = Model.from_proto(proto)
+    w = model.graph.nodes[0].inputs[1]
+    assert small_const(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
+    assert small_const(w, limit=4 << 20).shape == (512, 1024)
