@@ -174,11 +174,11 @@ class ShapeIndex:
 
     def info(self, t: gs.Tensor) -> TensorInfo | None:
         """What is known of ``t`` (dtype and shape as inferred), or None."""
-        if isinstance(t, gs.Constant):
-            dtype = tensor_dtype(t)
-            return TensorInfo(dtype, tuple(int(d) for d in t.shape))
         found = self._info.get(id(t))
         if found is not None:
+            return found
+        if isinstance(t, gs.Constant):
+            found = self._info[id(t)] = TensorInfo(tensor_dtype(t), tuple(int(d) for d in t.shape))
             return found
         if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and not t.inputs[0].inputs:
             held = t.inputs[0].attrs.get("value")

@@ -37,9 +37,9 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxopt.framework import Pass, PassContext, PassResult, register
-from onnxopt.graph import bypass, const_value
+from onnxopt.graph import bypass
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, prune_unused
+from onnxopt.rewrite import drop_nodes, prune_unused, small_const
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["EliminateNoops"]
@@ -151,9 +151,7 @@ class _Finder:
     # ---- helpers ---------------------------------------------------------------------
 
     def const(self, t: gs.Tensor) -> np.ndarray | None:
-        if not t.name:
-            return None
-        return const_value(t)
+        return small_const(t)
 
     def single_output(self, node: gs.Node) -> bool:
         return sum(1 for o in node.outputs if o.name) == 1 and bool(node.outputs[0].name)

@@ -591,7 +591,8 @@ class _Rewriter:
             self._fold(node)
         for node, target in plan.reshape_targets:
             old = node.inputs[1]
-            node.inputs[1] = self._constant(self.names(f"{node.name or 'reshape'}_shape"), target, node)
+            # Hints are unique (tensor names): NameAllocator probes suffixes one by one.
+            node.inputs[1] = self._constant(self.names(f"{node.outputs[0].name}_shape"), target, node)
             self.touched.append(old)
             self.stats["reshape_targets"] += 1
         if constant_nodes and not self.as_nodes:

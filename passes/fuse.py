@@ -37,9 +37,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, bypass, const_value, graph_outputs
+from onnxopt.graph import NameAllocator, bypass, graph_outputs
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, prune_unused
+from onnxopt.rewrite import drop_nodes, prune_unused, small_const
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["Fuse", "REWRITES"]
@@ -121,12 +121,14 @@ class _State:
         self._stale: dict[int, gs.Tensor] = {}
 
     def name(self, hint: str) -> str:
+        """A fresh name; give unique hints (tensor names): NameAllocator probes suffixes
+        one by one, so a hint repeated thousands of times would be quadratic."""
         if self._names is None:
             self._names = NameAllocator(self.model)
         return self._names(hint)
 
     def const(self, t: gs.Tensor) -> np.ndarray | None:
-        return const_value(t) if t.name else None
+        return small_const(t)
 
     def sole_use(self, t: gs.Tensor) -> gs.Node | None:
         """The only node reading ``t`` if it has exactly one and ``t`` is no graph output."""
@@ -247,7 +249,7 @@ def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         bias = (b + bias).astype(dt)
     if state.ir3:
         raise _Skip("ir3_no_new_initializers")
-    new_bias = gs.Constant(state.name(f"{conv.name or 'conv'}_bias"), values=bias.astype(dt))
+    new_bias = gs.Constant(state.name(f"{y.name}_bias"), values=bias.astype(dt))
     state.touched.extend(t for t in add.inputs if t.name)
     state.rewire(conv, [conv.inputs[0], conv.inputs[1], new_bias])
     _take_output(conv, add)
@@ -286,7 +288,7 @@ def _gemm_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         if state.ir3:
             raise _Skip("ir3_no_new_initializers")
         merged = (beta * cv.astype(np.float64) + c.astype(np.float64)).astype(dt)
-        new_c = gs.Constant(state.name(f"{gemm.name or 'gemm'}_c"), values=merged)
+        new_c = gs.Constant(state.name(f"{y.name}_c"), values=merged)
         state.touched.append(old_c)
     state.touched.extend(t for t in add.inputs if t.name)
     state.rewire(gemm, [gemm.inputs[0], gemm.inputs[1], new_c])
