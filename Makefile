@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-quantize bench-compress bench-structured clean
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured clean
 
 all: test
 
@@ -37,6 +37,12 @@ test-slow: venv models
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
+
+bench: bench-simplify-passes
+
+# fold-constants, eliminate-noops, fuse on the real models; scaling to 100k nodes
+bench-simplify-passes: venv models
+	$(BIN)/python -m benchmarks.simplify_passes
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

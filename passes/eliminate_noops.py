@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import cached_property
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -127,9 +128,15 @@ class _Finder:
     """Decides, node by node, whether it is a no-op; records why not where it is close."""
 
     def __init__(self, model: Model):
-        self.index = ShapeIndex(model)
+        self.model = model
         self.opset = model.opset_imports.get("", 1)
         self.kept: Counter = Counter()
+
+    @cached_property
+    def index(self) -> ShapeIndex:
+        """Built on first use: a graph with only Identity/Dropout-like no-ops (or none,
+        the last round of a fixed point) needs no shape inference."""
+        return ShapeIndex(self.model)
 
     def why_not(self, node: gs.Node, reason: str) -> None:
         self.kept[reason] += 1

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -141,7 +142,6 @@ class _Planner:
         self.model = model
         self.size_limit = size_limit
         self.use_shapes = use_shapes
-        self.index = ShapeIndex(model)
         self.values: dict[int, np.ndarray] = {}  # id(tensor) -> value of folded outputs
         self.partial: dict[int, _Partial] = {}
         self.folded: dict[int, gs.Node] = {}  # id(node) -> node, in decision order
@@ -151,6 +151,12 @@ class _Planner:
         self.outputs = graph_outputs(model.graph)
         self.evaluator = _Evaluator(model)
         self.cone = _condition_cone(model) if use_shapes else set()
+
+    @cached_property
+    def index(self) -> ShapeIndex:
+        """Built on first use: a graph with nothing to fold (the last round of a fixed
+        point) needs no shape inference."""
+        return ShapeIndex(self.model)
 
     # ---- queries ---------------------------------------------------------------------
 

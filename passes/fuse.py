@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from functools import cached_property
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -82,7 +83,10 @@ class Fuse(Pass):
         for name, (anchors, fn) in active.items():
             for op in anchors:
                 by_op.setdefault(op, []).append((name, fn))
-        for g in iter_graphs(model.graph):
+        graphs = list(iter_graphs(model.graph))
+        state.prepare(graphs, set(by_op))
+        for g in graphs:
+            state.current = g
             for node in list(g.nodes):
                 if id(node) in state.dead or node.domain not in _STANDARD:
                     continue
@@ -109,7 +113,6 @@ class Fuse(Pass):
 class _State:
     def __init__(self, model: Model):
         self.model = model
-        self.index = ShapeIndex(model)
         self.outputs = graph_outputs(model.graph)
         self.opset = model.opset_imports.get("", 1)
         self.ir3 = model.ir_version < 4
@@ -119,6 +122,35 @@ class _State:
         self.kept: Counter = Counter()
         self._names: NameAllocator | None = None
         self._stale: dict[int, gs.Tensor] = {}
+        self.has_clip = False
+        self.graph_of: dict[int, gs.Graph] = {}
+        self.current: gs.Graph | None = None  # the graph being rewritten
+
+    @cached_property
+    def index(self) -> ShapeIndex:
+        return ShapeIndex(self.model)
+
+    def prepare(self, graphs: list[gs.Graph], anchors: set[str]) -> None:
+        """Build the shape index now if any rewrite may need it — before the first rewrite
+        changes the graph — and skip shape inference altogether when nothing can match
+        (the last round of a fixed point, typically)."""
+        self.has_clip = any(n.op == "Clip" for g in graphs for n in g.nodes)
+        self.graph_of = {id(n): g for g in graphs for n in g.nodes}
+        for g in graphs:
+            for node in g.nodes:
+                if node.op not in anchors or node.domain not in _STANDARD:
+                    continue
+                producers = {t.inputs[0].op for t in node.inputs if len(t.inputs) == 1}
+                if node.op == "Add" and producers & {"Conv", "ConvTranspose", "Gemm", "MatMul"}:
+                    break
+                if node.op == "Transpose" and "Transpose" in producers:
+                    break
+                if node.op in ("Div", "Mul") and self.has_clip:
+                    break
+            else:
+                continue
+            self.index  # noqa: B018  (build it before anything changes)
+            return
 
     def name(self, hint: str) -> str:
         """A fresh name; give unique hints (tensor names): NameAllocator probes suffixes
@@ -137,12 +169,15 @@ class _State:
         return t.outputs[0]
 
     def producer(self, t: gs.Tensor, op: str) -> gs.Node | None:
+        """The ``op`` node producing ``t`` in the graph being rewritten (a producer in an
+        enclosing graph is out of reach: fusing across scopes would move a computation
+        into or out of a branch)."""
         if len(t.inputs) != 1:
             return None
         p = t.inputs[0]
         if p.op != op or p.domain not in _STANDARD or id(p) in self.dead:
             return None
-        return p
+        return p if self.graph_of.get(id(p)) is self.current else None
 
     def kill(self, *nodes: gs.Node) -> None:
         """Mark nodes removed (unlinked in bulk at the end: see :meth:`settle`)."""
@@ -451,6 +486,8 @@ def _clip_relu6(state: _State, t: gs.Tensor) -> gs.Tensor | None:
 
 def _hardswish(state: _State, g: gs.Graph, final: gs.Node) -> bool:
     """``final`` is the last node: ``Div(Mul(x, clip), 6)`` or ``Mul(x, Div(clip, 6))``."""
+    if not state.has_clip:
+        return False
     chain: list[gs.Node] = [final]
     x = clip_out = None
     m = _divided_by_six(state, final)
@@ -467,7 +504,7 @@ def _hardswish(state: _State, g: gs.Graph, final: gs.Node) -> bool:
     elif final.op == "Mul" and len(final.inputs) == 2:  # x * (clip / 6)
         for cand in final.inputs:
             div = cand.inputs[0] if len(cand.inputs) == 1 else None
-            if div is None or id(div) in state.dead:
+            if div is None or id(div) in state.dead or state.graph_of.get(id(div)) is not state.current:
                 continue
             cl = _divided_by_six(state, div)
             if cl is None:

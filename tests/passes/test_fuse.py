@@ -263,6 +263,21 @@ def test_fuses_inside_if_branches():
         assert_same_outputs(model, ran.model, {"b": np.array(cond), "x": _x(2, 3)})
 
 
+def test_no_fusion_across_a_branch_boundary():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (bool b, float[1,1,2,2] x) => (float[1,1,2,2] y)
+        <float[1,1,1,1] w = {2.0}, float[1] c = {1.0}>
+        { v = Conv(x, w)
+          y = If(b) <then_branch = t () => (float[1,1,2,2] p) { p = Add(v, c) },
+                     else_branch = e () => (float[1,1,2,2] q) { q = Neg(v) }> }
+    """)
+    ran = run_pass("fuse", model)
+    assert not ran.modified  # the Conv runs on both paths; its bias belongs to one branch only
+    for cond in (True, False):
+        assert_same_outputs(model, ran.model, {"b": np.array(cond), "x": _x(1, 1, 2, 2)})
+
+
 def test_ir3_models_get_no_new_initializers():
     nodes = [helper.make_node("Conv", ["x", "w"], ["v"]), helper.make_node("Add", ["v", "c"], ["y"])]
     inits = [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [2.0]),
