@@ -50,7 +50,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, constant_node_value, graph_outputs, replace_uses
+from onnxopt.graph import NameAllocator, const_value, constant_node_value, graph_outputs, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
 from onnxopt.rewrite import drop_nodes, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
@@ -71,6 +71,9 @@ _EXPANDING = frozenset({
     "ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
     "EyeLike", "MatMul", "Gemm", "Einsum", "ConvTranspose", "CenterCropPad", "Col2Im",
 })
+#: Constant-node attributes whose value is read as an array (not sparse_value).
+_DECODABLE = frozenset({"value", "value_float", "value_floats", "value_int", "value_ints",
+                        "value_string", "value_strings"})
 _INT_TYPES = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64,
                                              np.uint8, np.uint16, np.uint32, np.uint64))
 
@@ -170,7 +173,8 @@ class _Planner:
             return vars(t).get("input_value_info") is None
         if len(t.inputs) == 1:
             p = t.inputs[0]
-            return p.op == "Constant" and p.domain in _STANDARD and not p.inputs
+            return (p.op == "Constant" and p.domain in _STANDARD and not p.inputs
+                    and any(k in _DECODABLE and not isinstance(v, RawAttribute) for k, v in p.attrs.items()))
         return False
 
     def value(self, t: gs.Tensor) -> np.ndarray | None:
@@ -178,7 +182,7 @@ class _Planner:
         if found is not None:
             return found
         if isinstance(t, gs.Constant):
-            return t.values
+            return const_value(t, load=False)  # not cached on the tensor: it may stay on disk
         return constant_node_value(t.inputs[0])
 
     def nbytes(self, t: gs.Tensor) -> int:
@@ -229,6 +233,8 @@ class _Planner:
         if estimate is not None and estimate > cap:
             return self.skip(node, "size_limit")
         inputs = [self.value(t) if t.name else None for t in node.inputs]
+        if any(v is None and t.name for v, t in zip(inputs, node.inputs)):
+            return self.skip(node, "unsupported_type")  # a value gs cannot give as an array
         if any(v is not None and not _plain(v.dtype) for v in inputs):
             return self.skip(node, "unsupported_type")
         try:

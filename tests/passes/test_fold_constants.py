@@ -424,3 +424,17 @@ def test_digits_classifier_keeps_its_accuracy():
     _, x_test, _, y_test = digits_split()
     assert accuracy(ran.model, x_test, y_test) == accuracy(model, x_test, y_test) > 0.9
     assert_same_outputs(model, ran.model, {"input": x_test[:16]})
+
+
+def test_a_sparse_constant_node_is_left_alone():
+    values = helper.make_tensor("v", TensorProto.FLOAT, [2], [1.0, 2.0])
+    indices = helper.make_tensor("i", TensorProto.INT64, [2], [0, 3])
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    nodes = [helper.make_node("Constant", [], ["s"], sparse_value=sparse),
+             helper.make_node("Neg", ["s"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    ran = run_pass("fold-constants", model)
+    assert not ran.modified and ops(ran.model) == ["Constant", "Neg", "Add"]
+    assert_same_outputs(model, ran.model, {"x": np.ones(4, F32)})

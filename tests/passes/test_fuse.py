@@ -315,3 +315,15 @@ def test_real_models(name, hardswish):
     onnx.checker.check_model(ran.model.to_proto(), full_check=True)
     shapes = {"x": (2, 3, 64, 96) if name == "ppocr-det" else (2, 3, 48, 160)}
     assert_same_outputs(model, ran.model, shapes=shapes, rtol=1e-3, atol=1e-4)
+
+
+def test_custom_domain_nodes_are_not_fused():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18, "com.vendor" : 1]>
+        g (float[N,3] x) => (float[N,2] y)
+        <float[3,2] w = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}, float[2] b = {0.5, -0.5}>
+        { v = com.vendor.MatMul(x, w)  y = Add(v, b) }
+    """)
+    ran = run_pass("fuse", model)
+    assert not ran.modified and ops(ran.model) == ["MatMul", "Add"]
+    assert ran.model.graph.nodes[0].domain == "com.vendor"
