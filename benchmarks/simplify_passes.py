@@ -77,6 +77,21 @@ def _real_models():
         yield f"builders.{name}", proto, feeds, 200
 
 
+def _runs_for(model, feeds: dict, at_least: int, quick: bool) -> int:
+    """Enough timed runs for about two seconds per model and order (fast models need
+    hundreds to rise above a shared machine's noise)."""
+    from onnxopt.validate import make_session
+
+    sess = make_session(model, threads=1)
+    for _ in range(2):
+        sess.run(None, feeds)
+    t0 = time.perf_counter()
+    sess.run(None, feeds)
+    one = max(time.perf_counter() - t0, 1e-6)
+    runs = min(max(at_least, int(2.0 / one)), 500)
+    return max(3, runs // 4) if quick else runs
+
+
 def measure_real(quick: bool) -> list[dict]:
     from onnxopt import Model, PassManager
     from onnxopt.validate import compare_outputs, run_model
@@ -95,7 +110,7 @@ def measure_real(quick: bool) -> list[dict]:
         seconds = time.perf_counter() - t0
         before, after = original.summary(), work.summary()
         same = same_outputs(original, work, feeds)
-        runs = max(3, runs // 4) if quick else runs
+        runs = _runs_for(original, feeds, runs, quick)
         # Twice, in both orders: the session created second often runs faster on this machine
         # (identical models measured 0.45-1.1x apart), so each ordering's bias cancels out.
         first = ort_latency({"original": original, "simplified": work}, feeds, threads=1, runs=runs,
@@ -118,7 +133,8 @@ def measure_real(quick: bool) -> list[dict]:
                                          round(second["simplified"] / second["original"], 3)],
         }
         print(f"{label}: {row['nodes_before']} -> {row['nodes_after']} nodes, {seconds:.2f}s, "
-              f"same outputs {same}, latency x{row['latency_ratio']}")
+              f"same outputs {same}, latency x{row['latency_ratio']} {row['latency_ratio_each_order']} "
+              f"({runs} runs per order)")
         rows.append(row)
     return rows
 
@@ -200,7 +216,7 @@ def _own_peak_rss() -> int | None:
 
 def measure_scaling(quick: bool) -> dict:
     sizes = [1_000, 10_000] if quick else [10_000, 100_000]
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
     for _ in range(repeats):
         for n in sizes:  # interleaved: machine noise hits both sizes alike

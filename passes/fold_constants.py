@@ -662,7 +662,8 @@ class _Rewriter:
                 if isinstance(held, gs.Constant):
                     if not _plain(held.dtype):
                         continue
-                    const = gs.Constant(t.name, values=held._values)  # stays lazy
+                    const = held  # the node goes away: its tensor becomes the initializer, still lazy
+                    const.name = t.name
                 else:
                     value = constant_node_value(node)
                     if value is None or not _plain(value.dtype):
