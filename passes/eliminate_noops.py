@@ -40,7 +40,7 @@ from onnx import helper
 from onnxopt.framework import Pass, PassContext, PassResult, register
 from onnxopt.graph import bypass
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, prune_unused, small_const
+from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused, small_const
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["EliminateNoops"]
@@ -76,6 +76,10 @@ class EliminateNoops(Pass):
     options = {}
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        with gc_paused():  # see onnxopt.rewrite.gc_paused: keeps large graphs linear
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext) -> PassResult:
         finder = _Finder(model)
         found: list[tuple[gs.Graph, gs.Node, int]] = []  # (graph, node, index of the input it forwards)
         for g in iter_graphs(model.graph):

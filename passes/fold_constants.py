@@ -52,7 +52,7 @@ from onnx import helper, numpy_helper
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, constant_node_value, graph_outputs, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
-from onnxopt.rewrite import drop_nodes, prune_unused
+from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["FoldConstants"]
@@ -98,6 +98,10 @@ class FoldConstants(Pass):
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        with gc_paused():  # see onnxopt.rewrite.gc_paused: keeps large graphs linear
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext) -> PassResult:
         plan = _Planner(model, self.opts.size_limit, self.opts.shapes)
         plan.decide()
         stats = Counter({"folded": 0, "shape_folded": 0, "reshape_targets": 0, "constant_nodes": 0,

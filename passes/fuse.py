@@ -40,7 +40,7 @@ from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, bypass, graph_outputs
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, prune_unused, small_const
+from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused, small_const
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["Fuse", "REWRITES"]
@@ -77,6 +77,10 @@ class Fuse(Pass):
                                 f"valid: {', '.join(REWRITES)}")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        with gc_paused():  # see onnxopt.rewrite.gc_paused: keeps large graphs linear
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext) -> PassResult:
         state = _State(model)
         active = {name: rw for name, rw in REWRITES.items() if name not in self.opts.skip}
         by_op: dict[str, list[tuple[str, Callable]]] = {}
