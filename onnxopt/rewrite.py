@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, graph_outputs, implicit_inputs
+from .graph import const_value, implicit_inputs
 from .model import Model, extras, iter_graphs, node_subgraphs, tensor_nbytes
 
 __all__ = ["drop_nodes", "prune_unused", "small_const", "gc_paused"]
@@ -53,14 +53,16 @@ def _unlink(nodes: list[gs.Node]) -> None:
         list.clear(n.outputs)
 
 
-def drop_nodes(model: Model, dead: set[int]) -> list[gs.Tensor]:
+def drop_nodes(model: Model, dead: set[int], graphs: list[gs.Graph] | None = None) -> list[gs.Tensor]:
     """Remove the nodes whose ids are in ``dead`` from every graph of ``model`` and unlink
-    them (their subgraphs included). Returns the tensors they read (for :func:`prune_unused`)."""
+    them (their subgraphs included). Returns the tensors they read (for :func:`prune_unused`).
+    ``graphs``: the model's graphs if the caller has them (``list(iter_graphs(...))``;
+    graphs that were removed since may stay in it)."""
     read: list[gs.Tensor] = []
     if not dead:
         return read
     removed: list[gs.Node] = []
-    for g in iter_graphs(model.graph):
+    for g in graphs if graphs is not None else iter_graphs(model.graph):
         if not any(id(n) in dead for n in g.nodes):
             continue
         gone = [n for n in g.nodes if id(n) in dead]
@@ -74,16 +76,18 @@ def drop_nodes(model: Model, dead: set[int]) -> list[gs.Tensor]:
     return read
 
 
-def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
+def prune_unused(model: Model, tensors: Iterable[gs.Tensor],
+                 graphs: list[gs.Graph] | None = None) -> tuple[int, int]:
     """Remove what became unused after a rewrite stopped reading ``tensors``.
 
     A producer goes when none of its outputs is read by a node or is a graph output,
     and so, in turn, do its own producers; initializers (of any graph) that no node
     reads any more are dropped from the initializer lists. Returns ``(nodes_removed,
-    initializers_released)``.
+    initializers_released)``. ``graphs``: as for :func:`drop_nodes`.
     """
-    outputs = graph_outputs(model.graph)
-    holders = {id(t) for g in iter_graphs(model.graph) for t in itertools.chain(g.inputs, g.outputs)}
+    graphs = graphs if graphs is not None else list(iter_graphs(model.graph))
+    outputs = {id(t) for g in graphs for t in g.outputs}
+    holders = outputs | {id(t) for g in graphs for t in g.inputs}
     dead: set[int] = set()
     readers: dict[int, int] = {}  # id(tensor) -> readers not (yet) dead
 
@@ -125,12 +129,12 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor]) -> tuple[int, int]:
         if any(o.name and (id(o) in outputs or live_readers(o) > 0) for o in p.outputs):
             continue
         stack.extend(die(p))
-    drop_nodes(model, dead)
+    drop_nodes(model, dead, graphs)
     removed = len(dead)  # the nodes of removed subgraphs included
     unused = {i for i, t in constants.items() if not t.outputs}
     released = 0
     if unused:
-        for g in iter_graphs(model.graph):
+        for g in graphs:
             ext = extras(g)
             kept = [t for t in ext.initializers if id(t) not in unused or id(t) in holders]
             released += len(ext.initializers) - len(kept)

@@ -82,7 +82,8 @@ class EliminateNoops(Pass):
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         finder = _Finder(model)
         found: list[tuple[gs.Graph, gs.Node, int]] = []  # (graph, node, index of the input it forwards)
-        for g in iter_graphs(model.graph):
+        graphs = list(iter_graphs(model.graph))
+        for g in graphs:
             for node in g.nodes:
                 if node.domain not in _STANDARD or not node.outputs or not node.inputs:
                     continue
@@ -107,8 +108,8 @@ class EliminateNoops(Pass):
             removed[node.op] += 1
             if not any(o.outputs or any(o is t for t in g.outputs) for o in node.outputs if o.name):
                 dead.add(id(node))
-        read = drop_nodes(model, dead)
-        pruned, released = prune_unused(model, read)
+        read = drop_nodes(model, dead, graphs)
+        pruned, released = prune_unused(model, read, graphs)
         stats = {"removed": sum(removed.values()), "nodes_removed": len(dead) + pruned,
                  "initializers_released": released}
         stats.update({f"removed_{op}": n for op, n in sorted(removed.items())})

@@ -50,7 +50,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, const_value, constant_node_value, graph_outputs, replace_uses
+from onnxopt.graph import NameAllocator, const_value, constant_node_value, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
 from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
@@ -102,13 +102,14 @@ class FoldConstants(Pass):
             return self._run(model, ctx)
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
-        plan = _Planner(model, self.opts.size_limit, self.opts.shapes)
+        graphs = list(iter_graphs(model.graph))  # walked once: on large graphs every walk counts
+        plan = _Planner(model, graphs, self.opts.size_limit, self.opts.shapes)
         plan.decide()
         stats = Counter({"folded": 0, "shape_folded": 0, "reshape_targets": 0, "constant_nodes": 0,
                          "nodes_removed": 0, "constants_created": 0, "bytes_created": 0,
                          "initializers_released": 0})
         stats.update(plan.skipped)
-        _Rewriter(model, plan, stats).apply(self.opts.constant_nodes)
+        _Rewriter(model, graphs, plan, stats).apply(self.opts.constant_nodes)
         modified = bool(stats["nodes_removed"] or stats["reshape_targets"] or stats["constant_nodes"]
                         or stats["folded"])
         return PassResult(modified=modified, stats=dict(stats))
@@ -145,8 +146,9 @@ class _Partial:
 
 
 class _Planner:
-    def __init__(self, model: Model, size_limit: int, use_shapes: bool):
+    def __init__(self, model: Model, graphs: list[gs.Graph], size_limit: int, use_shapes: bool):
         self.model = model
+        self.graphs = graphs
         self.size_limit = size_limit
         self.use_shapes = use_shapes
         self.values: dict[int, np.ndarray] = {}  # id(tensor) -> value of folded outputs
@@ -155,9 +157,9 @@ class _Planner:
         self.shape_folded: set[int] = set()
         self.reshape_targets: list[tuple[gs.Node, np.ndarray]] = []
         self.skipped: Counter = Counter()
-        self.outputs = graph_outputs(model.graph)
+        self.outputs = {id(t) for g in graphs for t in g.outputs}
         self.evaluator = _Evaluator(model)
-        self.cone = _condition_cone(model) if use_shapes else set()
+        self.cone = _condition_cone(graphs) if use_shapes else set()
 
     @cached_property
     def index(self) -> ShapeIndex:
@@ -203,7 +205,7 @@ class _Planner:
     # ---- the walk --------------------------------------------------------------------
 
     def decide(self) -> None:
-        for g in iter_graphs(self.model.graph):
+        for g in self.graphs:
             for node in g.nodes:
                 if node.op == "Constant" and node.domain in _STANDARD:
                     continue
@@ -437,7 +439,7 @@ class _Planner:
         self.reshape_targets.append((node, np.array(out, dtype=np.int64)))
 
 
-def _condition_cone(model: Model) -> set[int]:
+def _condition_cone(graphs: list[gs.Graph]) -> set[int]:
     """ids of the nodes that an If's condition depends on.
 
     onnxruntime inlines an If whose condition it can compute at load time, and then
@@ -446,7 +448,7 @@ def _condition_cone(model: Model) -> set[int]:
     nodes changes nothing there (onnxruntime folds them too), but a value that only
     shape inference makes constant must not reach a condition."""
     cone: set[int] = set()
-    stack = [n.inputs[0] for g in iter_graphs(model.graph) for n in g.nodes if n.op == "If" and n.inputs]
+    stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs]
     while stack:
         t = stack.pop()
         for p in t.inputs:
@@ -585,8 +587,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Rewriter:
-    def __init__(self, model: Model, plan: _Planner, stats: Counter):
+    def __init__(self, model: Model, graphs: list[gs.Graph], plan: _Planner, stats: Counter):
         self.model = model
+        self.graphs = graphs
         self.plan = plan
         self.stats = stats
         self.as_nodes = model.ir_version < 4  # IR < 4: every initializer must be a graph input
@@ -654,7 +657,7 @@ class _Rewriter:
 
     def _extract_constant_nodes(self) -> None:
         outputs = self.plan.outputs
-        for g in iter_graphs(self.model.graph):
+        for g in self.graphs:
             for node in g.nodes:
                 if (node.op != "Constant" or node.domain not in _STANDARD or id(node) in self.dead
                         or node.inputs or len(node.outputs) != 1 or id(node) in self.replacement):
@@ -678,17 +681,17 @@ class _Rewriter:
                 self.stats["constant_nodes"] += 1
 
     def _rebuild(self) -> None:
-        before = sum(len(g.nodes) for g in iter_graphs(self.model.graph))
+        before = sum(len(g.nodes) for g in self.graphs)
         if self.replacement:
-            for g in iter_graphs(self.model.graph):
+            for g in self.graphs:
                 if any(id(n) in self.replacement for n in g.nodes):
                     kept = []
                     for n in g.nodes:
                         kept.extend(self.replacement.get(id(n), []))
                         kept.append(n)
                     g.nodes = kept
-        self.touched.extend(drop_nodes(self.model, self.dead))
-        _, released = prune_unused(self.model, self.touched)
+        self.touched.extend(drop_nodes(self.model, self.dead, self.graphs))
+        _, released = prune_unused(self.model, self.touched, self.graphs)
         after = sum(len(g.nodes) for g in iter_graphs(self.model.graph))
         self.stats["nodes_removed"] += before - after
         self.stats["initializers_released"] += released

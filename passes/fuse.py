@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, bypass, graph_outputs
+from onnxopt.graph import NameAllocator, bypass
 from onnxopt.model import Model, iter_graphs
 from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused, small_const
 from onnxopt.tensorinfo import ShapeIndex
@@ -105,8 +105,8 @@ class Fuse(Pass):
                         state.fused[f"fused_{name.replace('-', '_')}"] += 1
                         break
         state.settle()
-        read = drop_nodes(model, state.dead)
-        pruned, released = prune_unused(model, read + state.touched)
+        read = drop_nodes(model, state.dead, graphs)
+        pruned, released = prune_unused(model, read + state.touched, graphs)
         stats = {"fused": sum(state.fused.values()), "nodes_removed": len(state.dead) + pruned,
                  "initializers_released": released}
         stats.update({k: state.fused.get(k, 0) for k in (f"fused_{n.replace('-', '_')}" for n in active)})
@@ -117,7 +117,7 @@ class Fuse(Pass):
 class _State:
     def __init__(self, model: Model):
         self.model = model
-        self.outputs = graph_outputs(model.graph)
+        self.outputs: set[int] = set()
         self.opset = model.opset_imports.get("", 1)
         self.ir3 = model.ir_version < 4
         self.dead: set[int] = set()
@@ -140,6 +140,7 @@ class _State:
         (the last round of a fixed point, typically)."""
         self.has_clip = any(n.op == "Clip" for g in graphs for n in g.nodes)
         self.graph_of = {id(n): g for g in graphs for n in g.nodes}
+        self.outputs = {id(t) for g in graphs for t in g.outputs}
         for g in graphs:
             for node in g.nodes:
                 if node.op not in anchors or node.domain not in _STANDARD:
