@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-quantize bench-compress bench-structured clean
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured clean
 
 all: test
 
@@ -44,12 +44,16 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-quantize bench-compress
+bench: bench-simplify bench-simplify-passes bench-quantize bench-compress
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
 bench-simplify: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.simplify $(BENCH_ARGS)
+
+# fold-constants, eliminate-noops, fuse on the real models; scaling to 100k nodes
+bench-simplify-passes: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.simplify_passes
 
 bench-quantize: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.quantize $(BENCH_ARGS)

@@ -11,8 +11,11 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     cse,
     dead_nodes,
     dedup_weights,
+    eliminate_noops,
     fold_batchnorm,
+    fold_constants,
     fp16,
+    fuse,
     materialize,
     prune_magnitude,
     quantize,
@@ -21,7 +24,7 @@ from . import (  # noqa: F401  (importing a module registers its passes)
 
 register_preset(
     "default",
-    "[dead-nodes]",
+    "[fold-constants,eliminate-noops,fold-batchnorm,fuse,dedup-weights,cse,dead-nodes]",
     "the exact clean-up passes, run to a fixed point",
 )
 

@@ -1,0 +1,74 @@
+"""drop_nodes and prune_unused: what a rewrite leaves behind goes, nothing else."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxopt.graph import replace_uses
+from onnxopt.model import extras
+from onnxopt.rewrite import drop_nodes, prune_unused, small_const
+from tests.helpers import ops, parse
+
+
+def test_prune_removes_the_chain_that_only_fed_a_rewired_node():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] y, float[2] z)
+        <float[2] w = {1.0, 2.0}, float[2] keep = {3.0, 4.0}>
+        { a = Mul(x, w)  b = Relu(a)  y = Add(b, keep)  z = Add(x, keep) }
+    """)
+    add = model.graph.nodes[2]
+    old = add.inputs[0]
+    add.inputs[0] = model.graph.inputs[0]  # y = x + keep now
+    removed, released = prune_unused(model, [old])
+    assert (removed, released) == (2, 1)
+    assert ops(model) == ["Add", "Add"]
+    assert [t.name for t in extras(model.graph).initializers] == ["keep"]
+    onnx.checker.check_model(model.to_proto())
+
+
+def test_prune_keeps_graph_outputs_inputs_and_shared_tensors():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] y, float[2] a)
+        { a = Relu(x)  b = Neg(a)  y = Neg(b) }
+    """)
+    y = model.graph.nodes[2]
+    replace_uses(y.inputs[0], model.graph.inputs[0])
+    removed, _ = prune_unused(model, [model.graph.nodes[1].outputs[0], model.graph.inputs[0]])
+    assert removed == 1 and ops(model) == ["Relu", "Neg"]  # a is a graph output: kept
+
+
+def test_drop_nodes_unlinks_from_a_widely_shared_constant():
+    body = "  ".join(f"y{i} = Mul(x, c)" for i in range(50))
+    outs = ", ".join(f"float[2] y{i}" for i in range(50))
+    model = parse(f"""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => ({outs})
+        <float[2] c = {{1.0, 2.0}}>
+        {{ {body} }}
+    """)
+    c = model.graph.nodes[0].inputs[1]
+    dead = {id(n) for n in model.graph.nodes[::2]}
+    read = drop_nodes(model, dead)
+    assert len(model.graph.nodes) == 25 and len(c.outputs) == 25
+    assert all(any(c is t for t in n.inputs) for n in c.outputs)
+    assert sum(1 for t in read if t is c) == 25
+
+
+def test_small_const_does_not_load_large_weights():
+    import numpy as np
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnxopt import Model
+
+    proto = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[512,1024] x) => (float[512,1024] y) { y = Add(x, w) }
+    """)
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((512, 1024), np.float32), "w"))
+    model = Model.from_proto(proto)
+    w = model.graph.nodes[0].inputs[1]
+    assert small_const(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
+    assert small_const(w, limit=4 << 20).shape == (512, 1024)
