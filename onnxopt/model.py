@@ -984,6 +984,17 @@ def _copy_external(src: str, offset: int, length: str | None, out) -> int:
 
 
 def _tmp_name(folder: Path, name: str) -> str:
+    """A fresh temporary file beside the target, with the permissions a plain ``open``
+    would give (mkstemp makes it private, 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=str(folder))
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

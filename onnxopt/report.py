@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from .errors import ModelSaveError
-from .model import ExternalValues, Model, iter_graphs, node_subgraphs
+from .model import ExternalValues, Model, _tmp_name, iter_graphs, node_subgraphs
 
 __all__ = ["SCHEMA_VERSION", "Report", "model_figures", "inspect_model", "render_report",
            "render_inspect", "write_json"]
@@ -127,8 +126,8 @@ def write_json(data: dict | str, path: str | os.PathLike) -> None:
     if not folder.is_dir():
         raise ModelSaveError(f"{path}: folder {folder} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
-        with os.fdopen(fd, "w") as f:
+        tmp = _tmp_name(folder, path.name)
+        with open(tmp, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
     except OSError as exc:

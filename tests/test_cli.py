@@ -164,7 +164,7 @@ def test_optimize_writes_model_and_report(tmp_path, model_path, capsys):
     assert code == 0 and out.exists() and "validation on cpu" in stdout
     data = json.loads(report.read_text())
     assert data["output"]["path"] == str(out) and data["validation"][0]["passed"]
-    assert data["passes"][0]["name"] == "dead-nodes"
+    assert "dead-nodes" in {p["name"] for p in data["passes"]}
 
 
 def test_optimize_is_deterministic(tmp_path, model_path, capsys):

@@ -134,9 +134,11 @@ def test_save_is_deterministic_and_reloads(tmp_path):
     assert onnx.load(a) == builders.cnn()
 
 
-def test_save_leaves_no_temporary_files(tmp_path):
+def test_save_leaves_no_temporary_files_and_ordinary_permissions(tmp_path):
     Model.from_proto(builders.mlp()).save(tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
