@@ -7,7 +7,15 @@ and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 
 from onnxopt.framework import register_preset
 
-from . import dead_nodes  # noqa: F401  (registers the pass)
+from . import (
+    dead_nodes,  # noqa: F401  (registers the pass)
+    prune_channels,  # noqa: F401
+)
+    distill,  # noqa: F401
+    merge_neurons,  # noqa: F401
+    prune_channels,  # noqa: F401
+    reconstruct,  # noqa: F401
+)
 
 register_preset(
     "default",
@@ -15,4 +23,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes"]
+__all__ = ["dead_nodes", "prune_channels"]
