@@ -57,6 +57,7 @@ __all__ = [
     "ChannelGroups",
     "analyze",
     "apply_keep",
+    "write_constant",
     "param_value",
     "layer_key",
     "channel_maps",
@@ -1531,6 +1532,22 @@ def apply_keep(model: Model, groups: ChannelGroups, keep: Mapping[int, Iterable[
     stats.groups_pruned = len(kept)
     stats.channels_removed = sum(groups.by_id[g].size - len(k) for g, k in kept.items())
     return stats
+
+
+def write_constant(model: Model, node: gs.Node, index: int, value: np.ndarray) -> None:
+    """Give input ``index`` of ``node`` the constant ``value`` (same dtype as the old
+    one): in place when nobody else reads the old constant, else as a new constant; a
+    missing optional input (a Conv bias) is added. What becomes unused is dropped."""
+    if index >= len(node.inputs) or not node.inputs[index].name:
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable(""))
+        names = NameAllocator(model)
+        node.inputs[index] = gs.Constant(names((node.outputs[0].name if node.outputs else "w") + "_bias"),
+                                         np.ascontiguousarray(value))
+        return
+    replaced: list = []
+    _write_input(model, node, index, value, NameAllocator(model), replaced)
+    _drop_dead(model, replaced)
 
 
 def _write_input(model: Model, node: gs.Node, index: int, value: np.ndarray, names: NameAllocator,

@@ -10,6 +10,7 @@ from onnxopt.framework import register_preset
 from . import (
     dead_nodes,  # noqa: F401  (registers the pass)
     prune_channels,  # noqa: F401
+    reconstruct,  # noqa: F401
 )
     distill,  # noqa: F401
     merge_neurons,  # noqa: F401
@@ -23,4 +24,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes", "prune_channels"]
+__all__ = ["dead_nodes", "prune_channels", "reconstruct"]
