@@ -9,9 +9,6 @@ from onnxopt.framework import register_preset
 
 from . import (
     dead_nodes,  # noqa: F401  (registers the pass)
-    prune_channels,  # noqa: F401
-    reconstruct,  # noqa: F401
-)
     distill,  # noqa: F401
     merge_neurons,  # noqa: F401
     prune_channels,  # noqa: F401
@@ -24,4 +21,4 @@ register_preset(
     "the exact clean-up passes, run to a fixed point",
 )
 
-__all__ = ["dead_nodes", "prune_channels", "reconstruct"]
+__all__ = ["dead_nodes", "distill", "merge_neurons", "prune_channels", "reconstruct"]
