@@ -470,14 +470,16 @@ def _bias_of(node: gs.Node, tnode: gs.Node):
         tout = tnode.outputs[0]
         t_ok = len(tout.outputs) == 1 and tout.outputs[0].op == "Add" and \
             tout.outputs[0].outputs[0].name == add.outputs[0].name
-        if b is not None and b.dtype.kind == "f" and t_ok and _bias_like(node, b):
+        if b is not None and b.dtype.kind == "f" and t_ok and _bias_like(node, b, tnode):
             return (add, other), b.shape, add.outputs[0].name
     return None, None, out.name
 
 
-def _bias_like(node: gs.Node, b: np.ndarray) -> bool:
+def _bias_like(node: gs.Node, b: np.ndarray, tnode: gs.Node) -> bool:
     """A constant that adds one value per output channel of ``node``."""
     w = param_value(node.inputs[1])
+    if w is None:  # weights computed at run time (quantized): the teacher says how many
+        w = param_value(tnode.inputs[1])
     cout = _out_channels(node, w)
     if cout is None or cout < 2 or b.size != cout:
         return False
