@@ -35,6 +35,20 @@ test: venv models
 test-slow: venv models
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Benchmarks need the `bench` extra (matplotlib ...) and the real models.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: bench-structured
+
+# Structured pruning: PP-OCR det/rec and ResNet-50 (FLOPs, params, latency, fidelity),
+# the digits classifier's accuracy; writes benchmarks/results/structured.{json,png} and
+# the README section.
+bench-structured: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.structured
+
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
 

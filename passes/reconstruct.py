@@ -177,9 +177,10 @@ class Reconstruct(Pass):
                 X, Y = _rows(la, x, yt, rng, self.opts.patches)  # [G, P, F], [G, P, O]
                 if la.bias is not None or _can_add_bias(la):
                     X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
-                acc["xx"] = acc.get("xx", 0.0) + np.einsum("gpi,gpj->gij", X, X)
-                acc["xy"] = acc.get("xy", 0.0) + np.einsum("gpi,gpo->gio", X, Y)
-                acc["yy"] = acc.get("yy", 0.0) + np.einsum("gpo,gpo->go", Y, Y)
+                Xt = X.transpose(0, 2, 1)
+                acc["xx"] = acc.get("xx", 0.0) + Xt @ X  # batched BLAS; einsum would not be
+                acc["xy"] = acc.get("xy", 0.0) + Xt @ Y
+                acc["yy"] = acc.get("yy", 0.0) + (Y * Y).sum(axis=1)
 
     # ---- the fit ----------------------------------------------------------------------
 
