@@ -44,7 +44,7 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-simplify-passes bench-quantize bench-compress
+bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
@@ -60,6 +60,12 @@ bench-quantize: $(BENCH_STAMP) models
 
 bench-compress: $(BENCH_STAMP) models
 	$(BIN)/python benchmarks/compress.py
+
+# Structured pruning: PP-OCR det/rec and ResNet-50 (FLOPs, params, latency, fidelity),
+# the digits classifier's accuracy; writes benchmarks/results/structured.{json,png} and
+# the README section.
+bench-structured: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.structured
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     si = add("inspect", "describe a model: inputs/outputs, opsets, ops, sizes")
     si.add_argument("model")
     si.add_argument("--json", action="store_true", help="print JSON")
+    si.add_argument("--groups", action="store_true",
+                    help="also show the channel-dependency groups (what structured pruning may remove)")
 
     so = add("optimize", "run a pipeline of passes, validate, write the result")
     so.add_argument("model")
@@ -203,11 +205,40 @@ def _cmd_inspect(args, console) -> int:
 
     model = Model.load(args.model)
     info = inspect_model(model, args.model)
+    groups = None
+    if args.groups:
+        from .groups import analyze
+
+        found = analyze(model)
+        groups = {"summary": found.stats(), "groups": found.describe()}
     if args.json:
+        if groups is not None:
+            info["channel_groups"] = groups
         print(json.dumps(info, indent=2))
     else:
         render_inspect(info, console)
+        if groups is not None:
+            _render_groups(groups, console)
     return EXIT_OK
+
+
+def _render_groups(groups: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = groups["summary"]
+    t = Table(title=f"channel groups: {s['prunable']} of {s['groups']} prunable "
+                    f"({s['prunable_channels']:,} of {s['channels']:,} channels)", title_justify="left")
+    for col in ("id", "channels", "prunable", "created by", "members", "why not"):
+        t.add_column(col)
+    for g in groups["groups"]:
+        sources = ", ".join(g["sources"][:2]) + (f" +{len(g['sources']) - 2}" if len(g["sources"]) > 2 else "")
+        members = " ".join(f"{k}:{v}" for k, v in g["members"].items())
+        t.add_row(str(g["id"]), str(g["channels"]), "yes" if g["prunable"] else "no", escape(sources),
+                  escape(members), escape("; ".join(g["reasons"][:2])))
+    console.print(t)
+    if s["layers_skipped"]:
+        console.print("layers left out: " + ", ".join(f"{n} ({why})" for why, n in s["layers_skipped"].items()))
 
 
 def _tolerances(args) -> dict:

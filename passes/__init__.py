@@ -11,14 +11,18 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     cse,
     dead_nodes,
     dedup_weights,
+    distill,
     eliminate_noops,
     fold_batchnorm,
     fold_constants,
     fp16,
     fuse,
     materialize,
+    merge_neurons,
+    prune_channels,
     prune_magnitude,
     quantize,
+    reconstruct,
     share_weights,
 )
 
