@@ -49,6 +49,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from onnxopt.compact import COMPACT, WEIGHT_OPS, decoder_cone, storage_of
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, constant_node_value, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
@@ -95,6 +96,8 @@ class FoldConstants(Pass):
                           "constant inputs it replaces", minimum=0),
         "shapes": Opt(bool, True, "fold shape arithmetic where inferred dimensions are static"),
         "constant_nodes": Opt(bool, True, "turn Constant nodes into initializers (IR >= 4)"),
+        "keep_compact": Opt(bool, True, "leave the compact weight storage of prune-magnitude and "
+                            "share-weights unexpanded (the materialize pass expands it)"),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -104,6 +107,8 @@ class FoldConstants(Pass):
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(model.graph))  # walked once: on large graphs every walk counts
         plan = _Planner(model, graphs, self.opts.size_limit, self.opts.shapes)
+        if self.opts.keep_compact:
+            plan.protected = _compact_storage_nodes(graphs)
         plan.decide()
         stats = Counter({"folded": 0, "shape_folded": 0, "reshape_targets": 0, "constant_nodes": 0,
                          "nodes_removed": 0, "constants_created": 0, "bytes_created": 0,
@@ -160,6 +165,7 @@ class _Planner:
         self.outputs = {id(t) for g in graphs for t in g.outputs}
         self.evaluator = _Evaluator(model)
         self.cone = _condition_cone(graphs) if use_shapes else set()
+        self.protected: set[int] = set()  # nodes that expand compact weight storage
 
     @cached_property
     def index(self) -> ShapeIndex:
@@ -219,6 +225,8 @@ class _Planner:
         log.debug("fold-constants: not folding %s (%s): %s", node.name or "?", node.op, reason)
 
     def _try_fold(self, node: gs.Node) -> None:
+        if id(node) in self.protected:
+            return self.skip(node, "compact_storage")
         if node.domain not in _STANDARD:
             return self.skip(node, "custom_domain")
         if node.op in _NONDETERMINISTIC:
@@ -437,6 +445,26 @@ class _Planner:
             else:
                 return
         self.reshape_targets.append((node, np.array(out, dtype=np.int64)))
+
+
+def _compact_storage_nodes(graphs: list[gs.Graph]) -> set[int]:
+    """ids of the nodes that expand a layer's compact weight storage (sparse positions,
+    codebook indices) at session creation. Folding them would write the dense weights
+    back into the file and undo the compression that produced them."""
+    protected: set[int] = set()
+    for g in graphs:
+        for node in g.nodes:
+            if node.op not in WEIGHT_OPS or node.domain not in _STANDARD:
+                continue
+            for t in node.inputs[1:]:
+                if not t.name or isinstance(t, gs.Constant) or not t.inputs:
+                    continue
+                if t.inputs[0].op == "Constant":
+                    continue
+                cone = decoder_cone(t)
+                if cone and storage_of(t) in COMPACT:
+                    protected.update(id(n) for n in cone)
+    return protected
 
 
 def _condition_cone(graphs: list[gs.Graph]) -> set[int]:

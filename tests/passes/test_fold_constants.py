@@ -438,3 +438,25 @@ def test_a_sparse_constant_node_is_left_alone():
     ran = run_pass("fold-constants", model)
     assert not ran.modified and ops(ran.model) == ["Constant", "Neg", "Add"]
     assert_same_outputs(model, ran.model, {"x": np.ones(4, F32)})
+
+
+def test_compact_weight_storage_is_left_compact_and_materialize_still_expands_it():
+    """fold-constants after prune-magnitude/share-weights must not write the dense weights
+    back (that would undo the compression); keep_compact=false and materialize do."""
+    from models.digits import digits_mlp, digits_split
+    from onnxopt import Model, PassManager
+
+    x_test = digits_split()[1][:32]
+    original = Model.from_proto(digits_mlp())
+    small = original.copy()
+    PassManager("prune-magnitude(sparsity=0.8),share-weights(bits=4)").run(small)
+    compact_bytes = len(small.to_bytes())
+
+    kept = run_pass("fold-constants", small)
+    assert kept.stats["skipped_compact_storage"] > 0
+    assert len(kept.model.to_bytes()) < 1.05 * compact_bytes  # Constant nodes became initializers
+    assert_same_outputs(small, kept.model, {"input": x_test})
+
+    expanded = run_pass("fold-constants", small, keep_compact=False)
+    assert len(expanded.model.to_bytes()) > 2 * compact_bytes
+    assert_same_outputs(small, expanded.model, {"input": x_test})
