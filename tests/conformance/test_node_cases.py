@@ -10,7 +10,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from tests.conformance.conformance import check_pipeline_on
+from tests.conformance.conformance import PIPELINES, check_pipeline_on
 
 
 def _cases():
@@ -36,12 +36,13 @@ def _feed(value):
     return np.asarray(value)
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_node_case(case):
+def test_node_case(case, pipeline):
     if not case.data_sets:
         pytest.skip("the case ships no data")
     inputs, _expected = case.data_sets[0]
     graph_inputs = [i.name for i in case.model.graph.input
                     if i.name not in {t.name for t in case.model.graph.initializer}]
     feeds = {name: _feed(value) for name, value in zip(graph_inputs, inputs)}
-    check_pipeline_on(case.model, feeds, rtol=max(case.rtol, 1e-4), atol=max(case.atol, 1e-5))
+    check_pipeline_on(case.model, feeds, pipeline=pipeline, rtol=max(case.rtol, 1e-4), atol=max(case.atol, 1e-5))
