@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .data import check_feeds, load_feeds, open_calibration, random_feeds
-from .errors import ModelSaveError, ValidationFailed
+from .errors import ValidationFailed
 from .framework import PassContext, Progress
 from .manager import DEFAULT_MAX_ROUNDS, PassManager
 from .model import Model
@@ -81,7 +81,7 @@ def optimize(
     candidate = load(model)
     reference = Model.load(model) if source_path else candidate.copy()
     if output is not None:
-        _check_output(Path(output), candidate)
+        candidate.check_output_path(output)
 
     notes: list[str] = []
     feed_source = ""
@@ -136,18 +136,6 @@ def optimize(
         report.output = model_figures(candidate, str(path), _file_bytes(str(path)))
     report.seconds = time.perf_counter() - started
     return candidate, report
-
-
-def _check_output(path: Path, model: Model) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ModelSaveError(f"{path}: folder {folder} is not writable")
-    if path.is_dir():
-        raise ModelSaveError(f"{path}: is a folder")
-    if model.source_path and str(path.resolve()) == model.source_path:
-        raise ModelSaveError(f"{path}: is the input model; write the output elsewhere")
 
 
 def _file_bytes(path: str | None) -> int | None:

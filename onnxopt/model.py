@@ -359,6 +359,21 @@ class Model:
         """Whether any tensor still reads its data from an external file."""
         return any(isinstance(t._values, ExternalValues) for t in self.constants())
 
+    def check_output_path(self, path: str | os.PathLike) -> None:
+        """Raise :class:`ModelSaveError` unless ``path`` can take this model: its folder
+        exists and is writable, it is not a folder, and it is not the model's own source
+        (call it before long work, so that a bad output path fails at once)."""
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise ModelSaveError(f"{path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ModelSaveError(f"{path}: folder {folder} is not writable")
+        if path.is_dir():
+            raise ModelSaveError(f"{path}: is a folder")
+        if self.source_path and str(path.resolve()) == self.source_path:
+            raise ModelSaveError(f"{path}: is the input model; write the output elsewhere")
+
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
              location: str | None = None) -> Path:
         """Write the model to ``path`` atomically and deterministically.
@@ -369,16 +384,9 @@ class Model:
         (default ``<file name>.data``). Nothing is left at ``path`` if writing fails.
         """
         path = Path(path)
+        self.check_output_path(path)
         folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise ModelSaveError(f"{path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise ModelSaveError(f"{path}: folder {folder} is not writable")
-        if path.is_dir():
-            raise ModelSaveError(f"{path}: is a folder")
         target = str(path.resolve())
-        if self.source_path and target == self.source_path:
-            raise ModelSaveError(f"{path}: is the input model; write the output elsewhere")
         if external_data is None:
             external_data = self.tensor_bytes() > EXTERNAL_DATA_THRESHOLD
         location = location or (path.name + ".data")

@@ -11,16 +11,14 @@ Graph inputs and outputs (of every graph) are never removed.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import const_value, implicit_inputs
-from .model import Model, extras, iter_graphs, node_subgraphs, tensor_nbytes
+from .model import Model, extras, gc_paused, iter_graphs, node_subgraphs, tensor_nbytes
 
 __all__ = ["drop_nodes", "prune_unused", "small_const", "gc_paused"]
 
@@ -159,22 +157,3 @@ def small_const(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | None:
         if isinstance(held, gs.Constant) and tensor_nbytes(held) > limit:
             return None
     return const_value(t)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a pass rewrites the graph.
-
-    Every gs node and tensor sits in a reference cycle (with its own input/output lists),
-    so a large model is millions of objects the collector rescans at each full collection
-    while a pass allocates; on a 100k-node graph that made the passes grow ~20x for 10x
-    the nodes instead of ~12x. Garbage made meanwhile is collected as soon as the block
-    ends. The collector is left as it was found (a caller that disabled it keeps it so).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
