@@ -100,10 +100,13 @@ def ort_latency(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], *
         for s in sessions.values():
             s.run(None, dict(feeds))
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
+    order = list(sessions)
+    for r in range(runs):
+        # Rotate who goes first: the model run right after another one pays for (or gains
+        # from) the cache state it left, which skewed fixed-order medians.
+        for k in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
-            s.run(None, dict(feeds))
+            sessions[k].run(None, dict(feeds))
             times[k].append((time.perf_counter() - t0) * 1000)
     return {k: median(v) for k, v in times.items()}
 

@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
         data = json.loads((RESULTS / "simplify.json").read_text())
         data["targets"] = targets(data)
-        update_readme("simplify", "## Simplification benchmark (`make bench-simplify`)\n\n" + tables(data))
+        update_readme("simplify", "### Simplification against onnxoptimizer, onnxsim and onnxslim (`make bench-simplify`)\n\n" + tables(data))
         print("\n".join(data["targets"]))
         return 0
 
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:  # a smoke run leaves the recorded figures alone
         print(f"raw figures: {save_results('simplify', data)}")
     if not args.no_readme and not args.quick:
-        update_readme("simplify", "## Simplification benchmark (`make bench-simplify`)\n\n" + tables(data))
+        update_readme("simplify", "### Simplification against onnxoptimizer, onnxsim and onnxslim (`make bench-simplify`)\n\n" + tables(data))
         print("README section 'simplify' updated")
     else:
         print(tables(data))
