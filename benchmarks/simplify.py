@@ -669,7 +669,10 @@ def targets(data: dict) -> list[str]:
             if not (e.get("ok") and e.get("equal") and e.get("signature_kept", True)):
                 wrong.append(r["model"])
                 continue
-            peers = [r["tools"][p] for p in PEERS if r["tools"][p].get("ok") and r["tools"][p].get("equal")]
+            # A correct peer gives the original's outputs AND keeps the model's inputs and
+            # outputs: dropping IR-3 weight inputs changes the model's signature.
+            peers = [r["tools"][p] for p in PEERS if r["tools"][p].get("ok") and r["tools"][p].get("equal")
+                     and r["tools"][p].get("signature_kept", True)]
             best = min((p["nodes_total"] for p in peers), default=None)
             if best is not None and e["nodes_total"] > best:
                 not_min.append(f"{r['model']} {e['nodes_total']} vs {best}")
@@ -677,7 +680,7 @@ def targets(data: dict) -> list[str]:
                 strict += 1
             if e["bytes"] > r["original"]["bytes"]:
                 bigger.append(f"{r['model']} +{e['bytes'] - r['original']['bytes']} B")
-            fastest = min((p["seconds"] for p in (r["tools"][q] for q in PEERS) if p.get("ok")), default=None)
+            fastest = min((p["seconds"] for p in peers), default=None)
             if fastest is not None and e["seconds"] > fastest:
                 slower.append(f"{r['model']} {e['seconds'] * 1000:.0f} vs {fastest * 1000:.0f} ms")
             if r["original"]["bytes"] >= 2**20:  # below 1 MiB the interpreter's own allocations dominate
@@ -691,7 +694,7 @@ def targets(data: dict) -> list[str]:
                      + (f"; above on {'; '.join(not_min)}" if not_min else "")
                      + f". File larger than the original on {len(bigger)}/{n}"
                      + (f" ({'; '.join(bigger)})" if bigger else "") + ".")
-        lines.append(f"`{label}` — wall time ≤ the fastest peer on {n - len(wrong) - len(slower)}/{n}"
+        lines.append(f"`{label}` — wall time ≤ the fastest correct peer on {n - len(wrong) - len(slower)}/{n}"
                      + (f"; slower on {'; '.join(slower)}" if slower else "") + ".")
         lines.append(f"`{label}` — memory above the child's baseline below 2× the model's bytes on "
                      f"{judged - len(mem)}/{judged} models of 1 MiB or more"

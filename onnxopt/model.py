@@ -307,8 +307,8 @@ class Model:
     def to_proto(self) -> onnx.ModelProto:
         """The model as a ``ModelProto``. Tensors still in external files stay external
         (their locations are relative to :attr:`base_dir`)."""
-        exporter = _Exporter()
         with gc_paused():
+            exporter = _Exporter(_place_new_constants(self.graph))
             graph_proto = exporter.graph(self.graph, set())
         proto = onnx.ModelProto()
         proto.ir_version = self.ir_version
@@ -684,9 +684,48 @@ def _apply_value_info(t: gs.Variable, vi: onnx.ValueInfoProto) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _place_new_constants(root: gs.Graph) -> dict[int, list[gs.Constant]]:
+    """Where to write the constants that passes created (listed in no graph's
+    initializers) and that nodes of several graphs read: in the innermost graph enclosing
+    all those readers, once — not once in every If branch or Loop body that reads it.
+    Constants read by a single graph need no entry: that graph writes them."""
+    parent: dict[int, int | None] = {id(root): None}
+    listed: set[int] = set()
+    readers: dict[int, tuple[gs.Constant, list[int]]] = {}
+    for g in iter_graphs(root):
+        listed.update(id(t) for t in extras(g).initializers)
+        for node in g.nodes:
+            for sub in node_subgraphs(node):
+                parent[id(sub)] = id(g)
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    entry = readers.setdefault(id(t), (t, []))
+                    if id(g) not in entry[1]:
+                        entry[1].append(id(g))
+
+    def chain(gid: int | None) -> list[int]:
+        out = []
+        while gid is not None:
+            out.append(gid)
+            gid = parent.get(gid)
+        return out
+
+    placement: dict[int, list[gs.Constant]] = {}
+    for cid, (t, gids) in readers.items():
+        if cid in listed or len(gids) < 2:
+            continue
+        common = set(chain(gids[0]))
+        for gid in gids[1:]:
+            common &= set(chain(gid))
+        home = next(gid for gid in chain(gids[0]) if gid in common)
+        placement.setdefault(home, []).append(t)
+    return placement
+
+
 class _Exporter:
-    def __init__(self):
+    def __init__(self, placement: dict[int, list[gs.Constant]] | None = None):
         self.domains: set[str] = set()
+        self.placement = placement or {}
 
     def graph(self, g: gs.Graph, outer: set[str]) -> onnx.GraphProto:
         ext = extras(g)
@@ -714,6 +753,8 @@ class _Exporter:
                 constants.append(t)
 
         for t in ext.initializers:
+            own(t)
+        for t in self.placement.get(id(g), ()):
             own(t)
         for t in g.inputs:
             own(t)

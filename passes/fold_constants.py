@@ -27,7 +27,10 @@ quantization and hides the Q/DQ pattern onnxruntime runs as int8), If/Loop/Scan 
 bodies are folded instead, outer-scope constants included), results that are not plain
 numeric tensors (sequences, strings, bfloat16 ...), and results above ``size_limit``
 bytes unless they are no larger than the constant inputs they replace — folding a
-``ConstantOfShape``/``Expand``/``Tile``/``Range`` must not inflate the file. Sizes are
+``ConstantOfShape``/``Expand``/``Tile``/``Range`` must not inflate the file. A fold may
+also add at most ``grow_limit`` bytes beyond the constant inputs only it reads: slices of
+one shared weight would otherwise copy bytes the weight still holds (silero-vad grew by
+40 % that way). Sizes are
 checked before evaluating where inference knows the shape, so a huge result is never
 allocated. Each skipped node is counted by reason in the stats and logged at DEBUG.
 
@@ -94,6 +97,9 @@ class FoldConstants(Pass):
     options = {
         "size_limit": Opt(int, 1 << 20, "largest folded tensor in bytes, unless no larger than the "
                           "constant inputs it replaces", minimum=0),
+        "grow_limit": Opt(int, 4096, "most bytes one folded node may add to the file: its result "
+                          "minus the constant inputs only it reads (a slice of a shared weight "
+                          "copies bytes the weight still holds)", minimum=0),
         "shapes": Opt(bool, True, "fold shape arithmetic where inferred dimensions are static"),
         "constant_nodes": Opt(bool, True, "turn Constant nodes into initializers (IR >= 4)"),
         "keep_compact": Opt(bool, True, "leave the compact weight storage of prune-magnitude and "
@@ -107,6 +113,7 @@ class FoldConstants(Pass):
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(model.graph))  # walked once: on large graphs every walk counts
         plan = _Planner(model, graphs, self.opts.size_limit, self.opts.shapes)
+        plan.grow_limit = self.opts.grow_limit
         if self.opts.keep_compact:
             plan.protected = _compact_storage_nodes(graphs)
         plan.decide()
@@ -166,6 +173,7 @@ class _Planner:
         self.evaluator = _Evaluator(model)
         self.cone = _condition_cone(graphs) if use_shapes else set()
         self.protected: set[int] = set()  # nodes that expand compact weight storage
+        self.grow_limit: int | None = None  # most bytes one fold may add (None: no bound)
 
     @cached_property
     def index(self) -> ShapeIndex:
@@ -241,6 +249,8 @@ class _Planner:
         replaced = sum(self.nbytes(t) for t in node.inputs
                        if t.name and len(t.outputs) == 1 and id(t) not in self.outputs)
         cap = max(cap, replaced)
+        if self.grow_limit is not None:
+            cap = min(cap, replaced + self.grow_limit)
         estimate = self._estimate(node)
         if estimate is None and node.op in _EXPANDING:
             return self.skip(node, "unknown_size")

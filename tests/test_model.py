@@ -281,3 +281,28 @@ def test_copy_is_independent():
     snapshot = model.copy()
     model.graph.nodes.pop()
     assert len(snapshot.graph.nodes) == len(model.graph.nodes) + 1
+
+
+def test_a_new_constant_read_by_both_if_branches_is_written_once_in_the_parent():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (bool c, float[4] x) => (float[4] y)
+        {
+            y = If(c) <
+                then_branch = t () => (float[4] a) { a = Add(x, x) },
+                else_branch = e () => (float[4] b) { b = Sub(x, x) }
+            >
+        }
+    """)
+    shared = gs.Constant("shared_w", np.arange(4, dtype=np.float32))
+    if_node = model.graph.nodes[0]
+    for branch in ("then_branch", "else_branch"):
+        if_node.attrs[branch].nodes[0].inputs[1] = shared
+    proto = model.to_proto()
+    assert [i.name for i in proto.graph.initializer] == ["shared_w"]
+    bodies = [a.g for a in proto.graph.node[0].attribute]
+    assert all(not b.initializer for b in bodies)
+    onnx.checker.check_model(proto)
+    back = Model.from_proto(proto)
+    out = assert_same_outputs(back, back, {"c": np.array(True), "x": np.ones(4, np.float32)})
+    np.testing.assert_array_equal(out["y"], [1, 2, 3, 4])

@@ -49,3 +49,4 @@ def test_silero_vad_nested_if_bodies(rate, pipeline):
         before = model.summary().nodes_total
         PassManager(pipeline).run(model)
         assert model.summary().nodes_total < 0.7 * before
+        assert len(model.to_bytes()) <= len(proto.SerializeToString())  # the file never grows
