@@ -104,6 +104,7 @@ class PassManager:
 
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         """Run every step over ``model`` (mutated in place)."""
+        self._summary = None  # the model's figures after the last pass: the next one's "before"
         with gc_paused():
             return self._run(model, ctx or PassContext())
 
@@ -134,7 +135,7 @@ class PassManager:
     def _run_one(self, step: PassStep, model: Model, ctx: PassContext, *,
                  group: int | None = None, round_: int | None = None) -> PassRecord:
         p = step.pass_
-        before = model.summary()
+        before = self._summary or model.summary()
         snapshot = model.copy() if self.verify_each else None
         log.info("running %s", p.spec())
         t0 = time.perf_counter()
@@ -159,7 +160,8 @@ class PassManager:
                 log.warning("pass %s broke the model (%s); rolled back", p.name, problem)
                 model.restore(snapshot)
                 rolled_back, error = True, problem
-        after = model.summary()
+        after = model.summary() if (result is not None and result.modified) or rolled_back else before
+        self._summary = after
         return PassRecord(
             name=p.name, options=dict(p.given), exact=p.exact,
             modified=bool(result.modified) if result is not None else False,
