@@ -88,4 +88,4 @@ def test_tables_render_failures_and_targets():
     text = tables(data)
     assert "4 ✗" in text and "crashed (exit code -11)" in text
     assert "nodes ≤ the best correct peer on 1/1, strictly fewer on 1/1" in text
-    assert "wall time ≤ the fastest peer on 0/1; slower on m 500 vs 100 ms" in text
+    assert "wall time ≤ the fastest correct peer on 0/1; slower on m 500 vs 100 ms" in text
