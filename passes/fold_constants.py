@@ -389,7 +389,12 @@ class _Planner:
             n = data.entries.shape[0]
             if np.any((idx < -n) | (idx >= n)):
                 return None
-            return _Partial(data.entries[np.where(idx < 0, idx + n, idx)], data.dtype)
+            picked = data.entries[np.where(idx < 0, idx + n, idx)]
+            if not isinstance(picked, np.ndarray):  # a scalar index picks the element itself
+                scalar = np.empty((), dtype=object)
+                scalar[()] = picked
+                picked = scalar
+            return _Partial(picked, data.dtype)
         if op == "Slice" and data.entries.ndim == 1:
             return self._slice(node, data)
         if op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):

@@ -50,3 +50,14 @@ def test_silero_vad_nested_if_bodies(rate, pipeline):
         PassManager(pipeline).run(model)
         assert model.summary().nodes_total < 0.7 * before
         assert len(model.to_bytes()) <= len(proto.SerializeToString())  # the file never grows
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_minilm_transformer(pipeline):
+    """A PyTorch-exported BERT (dynamic batch and sequence; Shape->Gather(scalar)->Unsqueeze
+    chains over symbolic dimensions)."""
+    proto = onnx.load(real_model("minilm"))
+    feeds, _ = random_feeds(Model.from_proto(proto), seed=0)
+    result = check_pipeline_on(proto, feeds, pipeline=pipeline, rtol=1e-3, atol=1e-4)
+    if pipeline == "default":
+        assert result["nodes_after"] < 0.5 * result["nodes_before"]

@@ -460,3 +460,22 @@ def test_compact_weight_storage_is_left_compact_and_materialize_still_expands_it
     expanded = run_pass("fold-constants", small, keep_compact=False, grow_limit=1 << 30)
     assert len(expanded.model.to_bytes()) > 2 * compact_bytes
     assert_same_outputs(small, expanded.model, {"input": x_test})
+
+
+def test_a_scalar_gather_of_a_symbolic_dimension_stays_symbolic():
+    """Shape(x)[0] with x's first dimension dynamic: not foldable, and no crash (a scalar
+    index picks one element of the partial shape)."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[N, 4] x) => (float[N, 4] y)
+        <int64 zero = {0}, int64[1] four = {4}, int64[1] axes = {0}>
+        {
+            s = Shape(x)
+            n = Gather <axis: int = 0> (s, zero)
+            n1 = Unsqueeze(n, axes)
+            shape = Concat <axis: int = 0> (n1, four)
+            y = Reshape(x, shape)
+        }
+    """)
+    ran = run_pass("fold-constants", model)
+    assert_same_outputs(model, ran.model, shapes={"x": (3, 4)})
