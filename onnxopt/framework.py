@@ -17,6 +17,7 @@ of the wrong type, raises :class:`~onnxopt.errors.PipelineError` naming what is 
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -169,7 +170,7 @@ class PassContext:
         return self.calibration
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base class of a rewrite pass.
 
     Subclasses set ``name`` (lowercase-hyphenated, as the CLI spells it), ``summary``
@@ -198,8 +199,9 @@ class Pass:
         self.opts = _Options(resolved)
         self.given = {k: resolved[k] for k in values}
 
-    def run(self, model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__}.run")
+    @abc.abstractmethod
+    def run(self, model, ctx: PassContext) -> PassResult:
+        """Rewrite ``model`` in place; say truthfully whether it changed."""
 
     def spec(self) -> str:
         """The pass as a pipeline item, with the options that were given."""
