@@ -413,7 +413,9 @@ def _short(note: str) -> str:
 def tables(results: dict) -> str:
     m = results["machine"]
     cores = m["cores"]
-    lines = [f"Measured on {machine_line(m)}; calibration {results['calibration_samples']} samples, "
+    lines = ["### Quantization against onnxruntime's quantizer (`make bench-quantize`)",
+             "",
+             f"Measured on {machine_line(m)}; calibration {results['calibration_samples']} samples, "
              f"evaluation {results['evaluation_samples']} other samples; latency = median of interleaved runs "
              f"(ORT_ENABLE_ALL, CPU provider), as a speed-up over fp32 (above 1 is faster). The machine is "
              "shared with other work: timings are noisy.",
