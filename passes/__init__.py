@@ -34,15 +34,16 @@ register_preset(
 
 register_preset(
     "int8",
-    "quantize(mode=static,method=percentile,min_cosine=0.995)",
-    "static int8 for onnxruntime's CPU provider: u8 activations, per-channel weights, percentile "
-    "calibration, accuracy guard at cosine 0.995 on calibration data, which leaves a margin for "
-    "unseen data (needs --calib)",
+    "default,quantize(mode=static,method=percentile,min_cosine=0.995)",
+    "the default clean-up, then static int8 for onnxruntime's CPU provider: u8 activations, "
+    "per-channel weights, percentile calibration, accuracy guard at cosine 0.995 on calibration "
+    "data, which leaves a margin for unseen data (needs --calib)",
 )
 register_preset(
     "int8-tensorrt",
-    "quantize(mode=static,profile=tensorrt,method=percentile,min_cosine=0.995)",
-    "symmetric int8 Q/DQ placed for TensorRT's explicit quantization (needs --calib)",
+    "default,quantize(mode=static,profile=tensorrt,method=percentile,min_cosine=0.995)",
+    "the default clean-up, then symmetric int8 Q/DQ placed for TensorRT's explicit quantization "
+    "(needs --calib)",
 )
 register_preset(
     "int8-dynamic",

@@ -173,6 +173,32 @@ def test_accuracy_guard_reaches_cosine_099_on_ppocr(name):
     assert cosine_over(model, ran.model, cal[:8]) >= 0.99
 
 
+@pytest.mark.parametrize("preset", ["int8", "int8-tensorrt"])
+def test_int8_presets_clean_up_before_quantizing_ppocr_cls(preset):
+    """The presets run the exact clean-up first (its BatchNorms go into the convolutions
+    there, so quantize finds nothing left to fold), then quantize with the guard; the
+    result keeps the signature and reaches the guard's cosine on samples it never saw."""
+    import onnxopt
+
+    model = Model.load(real_model("ppocr-cls"))
+    x, _ = cls_images(4, seed=31)
+    q, report = onnxopt.optimize(model, preset, calibration=ocr_feeds("ppocr-cls", 8, seed=0),
+                                 feeds={"x": x[:1]})
+    modified = {r["name"] for r in report.passes if r["modified"]}
+    assert report.passes[-1]["name"] == "quantize"
+    assert {"fold-batchnorm", "fuse", "quantize"} <= modified
+    stats = report.passes[-1]["stats"]
+    assert stats["folded"] == 0 and stats["guard"]["met"]
+    assert stats["activations"] == ("s8" if preset == "int8-tensorrt" else "u8")
+    if preset == "int8":
+        assert stats["fused_fraction"] == 1.0
+    assert report.passed
+    assert io_signature(q) == io_signature(model)
+    onnx.checker.check_model(q.to_proto(), full_check=True)
+    assert cosine_over(model, q, [{"x": x[i:i + 1]} for i in range(1, 4)]) > 0.99
+    assert len(q.graph.nodes) < len(model.graph.nodes)
+
+
 def test_cli_quantizes_with_percentile_calibration_from_an_npz(tmp_path):
     """Exactly: onnxopt optimize m.onnx -o q.onnx -p "quantize(mode=static,method=percentile)"
     --calib calib.npz (a .npz whose first axis is the samples, without their batch axis)."""
