@@ -117,7 +117,8 @@ class Quantize(Pass):
                           minimum=0.0, maximum=1.0),
         "min_top1": Opt(float, None, "accuracy guard: minimum top-1 agreement on class-score outputs",
                         minimum=0.0, maximum=1.0),
-        "guard_samples": Opt(int, 16, "calibration samples the accuracy guard evaluates on", minimum=1),
+        "guard_samples": Opt(int, 32, "calibration samples the accuracy guard evaluates on (the first ones; "
+                             "fewer make its estimate of unseen data noisy)", minimum=1),
         "calib_samples": Opt(int, None, "calibrate on at most this many samples (default: all)", minimum=1),
         "bias_correction": Opt(bool, False, "correct biases by the mean output shift measured on "
                                "calibration data"),
