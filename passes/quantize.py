@@ -110,6 +110,8 @@ class Quantize(Pass):
         "exclude": Opt(list, None, "keep in float: op types, node names or name globs (Gemm;*head*)"),
         "depthwise": Opt(bool, False, "ort-cpu: quantize depthwise convolutions too (the CPU provider's "
                          "int8 depthwise kernel runs slower than its float one)"),
+        "min_in_channels": Opt(int, 4, "ort-cpu: a Conv over fewer input channels stays float (an image's "
+                               "first layer: the CPU provider's float kernel is faster there)", minimum=1),
         "skip_first": Opt(bool, False, "keep the first Conv/MatMul/Gemm in float"),
         "skip_last": Opt(bool, False, "keep the last Conv/MatMul/Gemm in float"),
         "min_cosine": Opt(float, None, "accuracy guard: keep the most sensitive layers in float until "
@@ -186,7 +188,7 @@ class Quantize(Pass):
         info = infer_shapes(work)
         plan_args = dict(profile=o.profile, per_channel=per_channel, symmetric=symmetric,
                          exclude=o.exclude or (), op_types=o.op_types, skip_first=o.skip_first,
-                         skip_last=o.skip_last, depthwise=o.depthwise)
+                         skip_last=o.skip_last, depthwise=o.depthwise, min_in_channels=o.min_in_channels)
         full = make_plan(work, info, **plan_args)
         stats["skipped"] = dict(full.skipped)
         if not full.units:

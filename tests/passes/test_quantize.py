@@ -66,7 +66,7 @@ def producer(t):
 RNG = np.random.default_rng(7)
 CONV_TEXT = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 3, 16, 16] x, float[8, 3, 3, 3] w1, float[8] b1, float[8, 8, 1, 1] w2, float[8] b2)
+    g (float[N, 4, 16, 16] x, float[8, 4, 3, 3] w1, float[8] b1, float[8, 8, 1, 1] w2, float[8] b2)
       => (float[N, 8, 16, 16] y)
     {
         c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
@@ -79,14 +79,14 @@ CONV_TEXT = """
 
 
 def conv_model() -> Model:
-    return with_weights(CONV_TEXT, w1=RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+    return with_weights(CONV_TEXT, w1=RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
                         b1=RNG.standard_normal(8).astype(np.float32) * 0.1,
                         w2=RNG.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3,
                         b2=RNG.standard_normal(8).astype(np.float32) * 0.1)
 
 
 CONV = conv_model()
-CONV_CAL = calib(CONV, x=(1, 3, 16, 16))
+CONV_CAL = calib(CONV, x=(1, 4, 16, 16))
 MLP_TEXT = """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 32] x, float[32, 64] w1, float[64] b1, float[64, 10] w2, float[10] b2) => (float[N, 10] y)
@@ -122,7 +122,28 @@ def test_static_conv_places_qdq_where_onnxruntime_fuses_and_stays_close():
     assert s["quantized_ops"]["Conv"] == 2 and s["weights_quantized"] == 2
     assert s["fused_fraction"] == 1.0 and s["integer_kernels"]["QLinearConv"] == 2
     assert io_signature(ran.model) == io_signature(CONV)
-    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 3, 16, 16))) > 0.99
+    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 4, 16, 16))) > 0.99
+
+
+def test_a_conv_over_an_rgb_image_stays_float_unless_asked():
+    """Three input channels: the CPU provider's float kernel beats its int8 one there, so
+    ort-cpu leaves that layer float (with the reason) and quantizes its output for the next
+    int8 layer; ``min_in_channels=1`` quantizes it too."""
+    rgb_text = CONV_TEXT.replace("float[N, 4, 16, 16] x, float[8, 4, 3, 3] w1", "float[N, 3, 16, 16] x, float[8, 3, 3, 3] w1")
+    rgb = with_weights(rgb_text, w1=RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+                       b1=RNG.standard_normal(8).astype(np.float32) * 0.1,
+                       w2=RNG.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3,
+                       b2=RNG.standard_normal(8).astype(np.float32) * 0.1)
+    cal = calib(rgb, x=(1, 3, 16, 16))
+    ran = run_pass("quantize", rgb, ctx_for(rgb, cal))
+    first, second = (n for n in ran.model.graph.nodes if n.op == "Conv")
+    assert producer(first.inputs[1]).op == "None" and producer(first.inputs[0]).op == "None"
+    assert producer(second.inputs[1]).op == "DequantizeLinear"
+    assert ran.stats["quantized_ops"]["Conv"] == 1 and ran.stats["fused_fraction"] == 1.0
+    assert any(k.startswith("few input channels") for k in ran.stats["skipped"])
+    assert cosine(rgb, ran.model, calib(rgb, 2, seed=9, x=(2, 3, 16, 16))) > 0.99
+    both = run_pass("quantize", rgb, ctx_for(rgb, cal), min_in_channels=1)
+    assert both.stats["quantized_ops"]["Conv"] == 2 and both.stats["integer_kernels"]["QLinearConv"] == 2
 
 
 def test_fused_fraction_is_counted_on_onnxruntimes_optimized_graph():
@@ -340,7 +361,7 @@ def test_subgraph_bodies_stay_float_and_outer_reads_still_work():
 # --------------------------------------------------------------------------------------
 
 OLD = with_weights(CONV_TEXT.replace('"" : 17', '"" : 11'),
-                   w1=RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+                   w1=RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
                    b1=np.zeros(8, np.float32), w2=RNG.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3,
                    b2=np.zeros(8, np.float32))
 
