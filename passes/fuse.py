@@ -256,15 +256,21 @@ def _channel_bias(c: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
     return np.broadcast_to(c.reshape(-1), (channels,)).copy()
 
 
-def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
+def _biased_producer(state: _State, add: gs.Node, ops: tuple[str, ...]) -> tuple[gs.Node | None, gs.Tensor | None]:
+    """(producer, its output) when one input of the two-input ``add`` comes from a node of
+    ``ops`` and the other input is constant; (None, None) otherwise."""
     if len(add.inputs) != 2:
-        return False
-    conv = None
+        return None, None
     for t in add.inputs:
-        p = state.producer(t, "Conv") or state.producer(t, "ConvTranspose")
-        if p is not None and state.const(_other(add, t)) is not None:
-            conv, y = p, t
-            break
+        for op in ops:
+            p = state.producer(t, op)
+            if p is not None and state.const(_other(add, t)) is not None:
+                return p, t
+    return None, None
+
+
+def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
+    conv, y = _biased_producer(state, add, ("Conv", "ConvTranspose"))
     if conv is None:
         return False
     if state.sole_use(y) is not add:
@@ -298,14 +304,7 @@ def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
 
 
 def _gemm_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
-    if len(add.inputs) != 2:
-        return False
-    gemm = y = None
-    for t in add.inputs:
-        p = state.producer(t, "Gemm")
-        if p is not None and state.const(_other(add, t)) is not None:
-            gemm, y = p, t
-            break
+    gemm, y = _biased_producer(state, add, ("Gemm",))
     if gemm is None:
         return False
     if state.sole_use(y) is not add:
@@ -348,14 +347,7 @@ def _feeds_gelu(t: gs.Tensor) -> bool:
 
 
 def _matmul_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
-    if len(add.inputs) != 2:
-        return False
-    mm = y = None
-    for t in add.inputs:
-        p = state.producer(t, "MatMul")
-        if p is not None and state.const(_other(add, t)) is not None:
-            mm, y = p, t
-            break
+    mm, y = _biased_producer(state, add, ("MatMul",))
     if mm is None:
         return False
     if state.sole_use(y) is not add:
