@@ -1,0 +1,439 @@
+"""Conversion between ``onnx.GraphProto`` and the ``gs.Graph`` that passes mutate.
+
+Importing is our own (not ``gs.import_onnx``) because graphsurgeon drops initializers
+that are also graph inputs from the input list (changing the signature of IR 3 models),
+drops unused initializers, node doc strings and attribute types (an empty ``ints``
+attribute cannot be re-exported), and cannot read external data relative to the model's
+folder lazily. The importer therefore keeps on the graphsurgeon objects everything it
+would lose (see :mod:`onnxopt.graph_extras`), leaves weight data lazy, and the exporter
+writes it all back: a graph that no pass touched exports to the proto it came from.
+The exporter also finds a home for the constants that passes created, once, in the
+innermost graph enclosing all their readers.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+from .errors import ModelSaveError
+from .graph_extras import GraphExtras, RawAttribute, extras, iter_graphs, node_subgraphs
+from .model_files import ExternalValues
+
+__all__ = ["graph_from_proto", "graph_to_proto", "norm_domain"]
+
+
+def graph_from_proto(proto: onnx.GraphProto, base_dir: str | None) -> gs.Graph:
+    """The top graph of a model as a ``gs.Graph``, subgraphs included. Initializer data
+    stays lazy; external data is read relative to ``base_dir`` when first needed."""
+    return _Importer(base_dir).graph(proto, {})
+
+
+def graph_to_proto(graph: gs.Graph) -> tuple[onnx.GraphProto, set[str]]:
+    """The top graph back as a ``GraphProto``, and the domains its nodes use (normalized
+    by :func:`norm_domain`) so that the model can import an opset for each."""
+    exporter = _Exporter(_place_new_constants(graph))
+    return exporter.graph(graph, set()), exporter.domains
+
+
+# --------------------------------------------------------------------------------------
+# Import: GraphProto -> gs.Graph
+# --------------------------------------------------------------------------------------
+
+_SIMPLE_ATTRS = {
+    onnx.AttributeProto.FLOAT: "f",
+    onnx.AttributeProto.INT: "i",
+    onnx.AttributeProto.FLOATS: "floats",
+    onnx.AttributeProto.INTS: "ints",
+}
+
+
+def norm_domain(domain: str | None) -> str:
+    """The ONNX domain with its two spellings of the default (``""``, ``"ai.onnx"``) as ``""``."""
+    return "" if domain in (None, "", "ai.onnx") else domain
+
+
+class _Importer:
+    def __init__(self, base_dir: str | None):
+        self.base_dir = base_dir
+
+    def constant(self, proto: onnx.TensorProto | onnx.SparseTensorProto) -> gs.Constant:
+        if isinstance(proto, onnx.SparseTensorProto):
+            return gs.Constant(proto.values.name, values=SparseValues(proto))
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            values: LazyValues = ExternalValues(proto, self.base_dir or "")
+        else:
+            values = LazyValues(proto)
+        loc = int(proto.data_location) if proto.HasField("data_location") else None
+        const = gs.Constant(proto.name, values=values, data_location=loc)
+        if proto.doc_string:
+            const.doc_string = proto.doc_string
+        return const
+
+    def graph(self, proto: onnx.GraphProto, outer) -> gs.Graph:
+        local: dict[str, gs.Tensor] = {}
+        scope = ChainMap(local, outer)
+        used: set[str] = set()
+
+        def lookup(name: str) -> gs.Tensor:
+            if not name:
+                return gs.Variable.empty()
+            used.add(name)
+            t = local.get(name)
+            if t is None:
+                t = outer.get(name)
+            if t is None:
+                t = local[name] = gs.Variable(name)
+            return t
+
+        initializers = []
+        for init in proto.initializer:
+            const = self.constant(init)
+            local[init.name] = const
+            initializers.append(const)
+        for init in proto.sparse_initializer:
+            const = self.constant(init)
+            local[const.name] = const
+            initializers.append(const)
+
+        for vi in proto.value_info:
+            t = local.get(vi.name)
+            if t is None:
+                t = local[vi.name] = gs.Variable(vi.name)
+            if isinstance(t, gs.Variable):
+                _apply_value_info(t, vi)
+
+        inputs = []
+        for vi in proto.input:
+            t = local.get(vi.name)
+            if t is None:
+                t = local[vi.name] = gs.Variable(vi.name)
+            if isinstance(t, gs.Variable):
+                _apply_value_info(t, vi)
+            else:
+                t.input_value_info = vi
+            inputs.append(t)
+            used.add(vi.name)
+
+        nodes = []
+        for np_ in proto.node:
+            node = gs.Node(
+                op=np_.op_type,
+                name=np_.name,
+                attrs=self.attributes(np_.attribute, scope),
+                inputs=[lookup(n) for n in np_.input],
+                outputs=[],
+                domain=np_.domain if np_.HasField("domain") else None,
+            )
+            outs = []
+            for name in np_.output:
+                if not name:
+                    outs.append(gs.Variable.empty())
+                    continue
+                t = local.get(name)
+                if t is None:
+                    t = local[name] = gs.Variable(name)
+                used.add(name)
+                outs.append(t)
+            node.outputs = outs
+            node.attr_types = {a.name: a.type for a in np_.attribute}
+            if np_.doc_string:
+                node.doc_string = np_.doc_string
+            if np_.metadata_props:
+                node.metadata_props = [(p.key, p.value) for p in np_.metadata_props]
+            if getattr(np_, "overload", ""):
+                node.overload = np_.overload
+            nodes.append(node)
+
+        outputs = []
+        for vi in proto.output:
+            t = lookup(vi.name)
+            if isinstance(t, gs.Variable):
+                _apply_value_info(t, vi)
+            else:
+                t.output_value_info = vi
+            outputs.append(t)
+
+        # value_info naming no tensor of the graph (or naming an initializer) is kept
+        # aside for a faithful round-trip.
+        orphans = [vi for vi in proto.value_info
+                   if vi.name not in used or not isinstance(local.get(vi.name), gs.Variable)]
+        g = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=proto.name,
+                     doc_string=proto.doc_string)
+        g._onnxopt = GraphExtras(
+            initializers=initializers,
+            orphan_value_info=orphans,
+            metadata_props=[(p.key, p.value) for p in getattr(proto, "metadata_props", [])],
+            quantization_annotation=list(proto.quantization_annotation),
+        )
+        return g
+
+    def attributes(self, attrs: Iterable[onnx.AttributeProto], scope: dict) -> dict:
+        out: dict[str, Any] = {}
+        A = onnx.AttributeProto
+        for a in attrs:
+            if a.ref_attr_name:
+                out[a.name] = RawAttribute(a)
+            elif a.type in _SIMPLE_ATTRS:
+                value = getattr(a, _SIMPLE_ATTRS[a.type])
+                out[a.name] = list(value) if a.type in (A.FLOATS, A.INTS) else value
+            elif a.type == A.STRING:
+                try:
+                    out[a.name] = a.s.decode("utf-8")
+                except UnicodeDecodeError:
+                    out[a.name] = RawAttribute(a)
+            elif a.type == A.STRINGS:
+                try:
+                    out[a.name] = [s.decode("utf-8") for s in a.strings]
+                except UnicodeDecodeError:
+                    out[a.name] = RawAttribute(a)
+            elif a.type == A.TENSOR:
+                out[a.name] = self.constant(a.t)
+            elif a.type == A.GRAPH:
+                out[a.name] = self.graph(a.g, scope)
+            elif a.type == A.GRAPHS and a.graphs:
+                out[a.name] = [self.graph(g, scope) for g in a.graphs]
+            else:
+                out[a.name] = RawAttribute(a)
+        return out
+
+
+def _apply_value_info(t: gs.Variable, vi: onnx.ValueInfoProto) -> None:
+    if vi.type.ByteSize() == 0:
+        return
+    kind = vi.type.WhichOneof("value")
+    if kind == "tensor_type" or kind == "sparse_tensor_type":
+        tt = getattr(vi.type, kind)
+        if tt.elem_type:
+            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.HasField("shape"):
+            t.shape = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+                for d in tt.shape.dim
+            ]
+        t.type = kind
+    # Keep the proto: export re-uses it unchanged when dtype and shape are untouched,
+    # which preserves denotations, doc strings and non-tensor types (sequences, maps).
+    t.value_info = vi
+    t.value_info_key = (t.dtype, None if t.shape is None else tuple(t.shape))
+
+
+# --------------------------------------------------------------------------------------
+# Export: gs.Graph -> GraphProto
+# --------------------------------------------------------------------------------------
+
+
+def _place_new_constants(root: gs.Graph) -> dict[int, list[gs.Constant]]:
+    """Where to write the constants that passes created (listed in no graph's
+    initializers) and that nodes of several graphs read: in the innermost graph enclosing
+    all those readers, once — not once in every If branch or Loop body that reads it.
+    Constants read by a single graph need no entry: that graph writes them."""
+    parent: dict[int, int | None] = {id(root): None}
+    listed: set[int] = set()
+    readers: dict[int, tuple[gs.Constant, list[int]]] = {}
+    for g in iter_graphs(root):
+        listed.update(id(t) for t in extras(g).initializers)
+        for node in g.nodes:
+            for sub in node_subgraphs(node):
+                parent[id(sub)] = id(g)
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    entry = readers.setdefault(id(t), (t, []))
+                    if id(g) not in entry[1]:
+                        entry[1].append(id(g))
+
+    def chain(gid: int | None) -> list[int]:
+        out = []
+        while gid is not None:
+            out.append(gid)
+            gid = parent.get(gid)
+        return out
+
+    placement: dict[int, list[gs.Constant]] = {}
+    for cid, (t, gids) in readers.items():
+        if cid in listed or len(gids) < 2:
+            continue
+        common = set(chain(gids[0]))
+        for gid in gids[1:]:
+            common &= set(chain(gid))
+        home = next(gid for gid in chain(gids[0]) if gid in common)
+        placement.setdefault(home, []).append(t)
+    return placement
+
+
+class _Exporter:
+    def __init__(self, placement: dict[int, list[gs.Constant]] | None = None):
+        self.domains: set[str] = set()
+        self.placement = placement or {}
+
+    def graph(self, g: gs.Graph, outer: set[str]) -> onnx.GraphProto:
+        ext = extras(g)
+        proto = onnx.GraphProto()
+        proto.name = g.name or ""
+        if g.doc_string:
+            proto.doc_string = g.doc_string
+
+        # Initializers: the graph's own (used or not, in file order), then constants that
+        # passes created and this graph's nodes use (in node order).
+        constants: list[gs.Constant] = []
+        seen: set[int] = set()
+        names: dict[str, int] = {}
+
+        def own(t: gs.Tensor) -> None:
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                if t.name in outer:
+                    return
+                prev = names.get(t.name)
+                if prev is not None:
+                    raise ModelSaveError(
+                        f"graph '{g.name}': two different constants are named '{t.name}'")
+                names[t.name] = id(t)
+                seen.add(id(t))
+                constants.append(t)
+
+        for t in ext.initializers:
+            own(t)
+        for t in self.placement.get(id(g), ()):
+            own(t)
+        for t in g.inputs:
+            own(t)
+        for node in g.nodes:
+            for t in node.inputs:
+                own(t)
+        for t in g.outputs:
+            own(t)
+
+        defined = set(outer)
+        defined.update(t.name for t in constants)
+        defined.update(t.name for t in g.inputs)
+        for node in g.nodes:
+            defined.update(t.name for t in node.outputs if t.name)
+
+        for t in g.inputs:
+            proto.input.append(_value_info(t, "input"))
+        for t in g.outputs:
+            proto.output.append(_value_info(t, "output"))
+
+        for t in constants:
+            values = t._values
+            if isinstance(values, SparseValues):
+                sp = proto.sparse_initializer.add()
+                sp.CopyFrom(values.tensor)
+                sp.values.name = t.name
+            else:
+                proto.initializer.append(_tensor_proto(t))
+
+        io_ids = {id(t) for t in g.inputs} | {id(t) for t in g.outputs}
+        vi_seen: set[int] = set()
+        for node in g.nodes:
+            proto.node.append(self.node(node, defined))
+            for t in node.outputs:
+                if (isinstance(t, gs.Variable) and t.name and id(t) not in io_ids
+                        and id(t) not in vi_seen):
+                    vi_seen.add(id(t))
+                    if t.dtype is not None or t.shape is not None:
+                        proto.value_info.append(_value_info(t, "value_info"))
+        proto.value_info.extend(ext.orphan_value_info)
+        live = defined
+        for qa in ext.quantization_annotation:
+            if qa.tensor_name in live:
+                proto.quantization_annotation.append(qa)
+        for key, value in ext.metadata_props:
+            proto.metadata_props.add(key=key, value=value)
+        return proto
+
+    def node(self, node: gs.Node, scope: set[str]) -> onnx.NodeProto:
+        p = onnx.NodeProto()
+        p.op_type = node.op
+        if node.name:
+            p.name = node.name
+        if node.domain is not None:
+            p.domain = node.domain
+        self.domains.add(norm_domain(node.domain))
+        p.input.extend(t.name for t in node.inputs)
+        p.output.extend(t.name for t in node.outputs)
+        types = vars(node).get("attr_types", {})
+        for key, value in node.attrs.items():
+            p.attribute.append(self.attribute(key, value, types.get(key), scope))
+        doc = vars(node).get("doc_string")
+        if doc:
+            p.doc_string = doc
+        for key, value in vars(node).get("metadata_props", []):
+            p.metadata_props.add(key=key, value=value)
+        overload = vars(node).get("overload")
+        if overload:
+            p.overload = overload
+        return p
+
+    def attribute(self, key: str, value: Any, attr_type: int | None, scope: set[str]):
+        A = onnx.AttributeProto
+        if isinstance(value, RawAttribute):
+            return value.proto
+        if isinstance(value, gs.Graph):
+            a = A(name=key, type=A.GRAPH)
+            a.g.CopyFrom(self.graph(value, scope))
+            return a
+        if isinstance(value, list) and value and isinstance(value[0], gs.Graph):
+            a = A(name=key, type=A.GRAPHS)
+            a.graphs.extend(self.graph(v, scope) for v in value)
+            return a
+        if isinstance(value, gs.Constant):
+            a = A(name=key, type=A.TENSOR)
+            a.t.CopyFrom(_tensor_proto(value))
+            return a
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if attr_type is not None:
+            try:
+                return onnx.helper.make_attribute(key, value, attr_type=attr_type)
+            except (TypeError, ValueError):
+                pass  # the pass changed the value's kind: infer it below
+        if isinstance(value, list) and not value:
+            raise ModelSaveError(f"attribute '{key}' is an empty list of unknown type")
+        return onnx.helper.make_attribute(key, value)
+
+
+def _tensor_proto(t: gs.Constant) -> onnx.TensorProto:
+    values = t._values
+    if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        proto.name = t.name
+        return proto
+    arr = np.asarray(values)
+    proto = numpy_helper.from_array(arr, t.name)
+    doc = vars(t).get("doc_string")
+    if doc:
+        proto.doc_string = doc
+    return proto
+
+
+def _value_info(t: gs.Tensor, role: str) -> onnx.ValueInfoProto:
+    if isinstance(t, gs.Constant):
+        raw = vars(t).get(f"{role}_value_info")
+        if raw is not None:
+            return raw
+        return onnx.helper.make_tensor_value_info(
+            t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape))
+    raw = vars(t).get("value_info")
+    key = (t.dtype, None if t.shape is None else tuple(t.shape))
+    if raw is not None and vars(t).get("value_info_key") == key:
+        return raw
+    if t.dtype is None:
+        return onnx.helper.make_empty_tensor_value_info(t.name)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+    shape = None if t.shape is None else [d if isinstance(d, (int, str)) else None for d in t.shape]
+    if t.type == "sequence_type":
+        return onnx.helper.make_tensor_sequence_value_info(t.name, elem, shape)
+    if t.type == "sparse_tensor_type":
+        return onnx.helper.make_sparse_tensor_value_info(t.name, elem, shape)
+    return onnx.helper.make_tensor_value_info(t.name, elem, shape)
