@@ -21,7 +21,7 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("onnxopt")
 
 
-class _Parser(argparse.ArgumentParser):
+class _OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
@@ -33,13 +33,13 @@ def _providers(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxopt", description="A graph-rewriting compiler for ONNX models; "
+    p = _OneLineArgumentParser(prog="onnxopt", description="A graph-rewriting compiler for ONNX models; "
                 "every rewrite is checked against the original on onnxruntime.")
     p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     _common_args(p, None)
-    common = _Parser(add_help=False)
+    common = _OneLineArgumentParser(add_help=False)
     _common_args(common, argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineArgumentParser)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])

@@ -66,7 +66,7 @@ class CommonSubexpressions(Pass):
     options = {}
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        planner = _Planner(model)
+        planner = _MergePlanner(model)
         planner.visit(model.graph)
         merges = planner.merges
 
@@ -91,7 +91,7 @@ class CommonSubexpressions(Pass):
         return PassResult(modified=bool(merges), stats=stats)
 
 
-class _Planner:
+class _MergePlanner:
     """Walks the graphs in topological order and decides which node merges into which."""
 
     def __init__(self, model: Model):

@@ -112,7 +112,7 @@ class FoldConstants(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(model.graph))  # walked once: on large graphs every walk counts
-        plan = _Planner(model, graphs, self.opts.size_limit, self.opts.shapes)
+        plan = _FoldPlanner(model, graphs, self.opts.size_limit, self.opts.shapes)
         plan.grow_limit = self.opts.grow_limit
         if self.opts.keep_compact:
             plan.protected = _compact_storage_nodes(graphs)
@@ -157,7 +157,7 @@ class _Partial:
         return np.array([int(e) for e in self.entries.flat], dtype=self.dtype).reshape(self.entries.shape)
 
 
-class _Planner:
+class _FoldPlanner:
     def __init__(self, model: Model, graphs: list[gs.Graph], size_limit: int, use_shapes: bool):
         self.model = model
         self.graphs = graphs
@@ -630,7 +630,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Rewriter:
-    def __init__(self, model: Model, graphs: list[gs.Graph], plan: _Planner, stats: Counter):
+    def __init__(self, model: Model, graphs: list[gs.Graph], plan: _FoldPlanner, stats: Counter):
         self.model = model
         self.graphs = graphs
         self.plan = plan
