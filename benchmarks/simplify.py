@@ -7,12 +7,13 @@ For every model (PP-OCR det/rec/cls, silero-vad, the onnx package's light archit
 the builders' models) and every tool — onnxopt's ``default`` preset (whatever it holds
 when this runs), onnxopt with each ``--pipeline`` given, and onnxoptimizer, onnxsim and
 onnxslim with their defaults — the same input file goes through the tool in a fresh
-child process (load, simplify, save; a timeout and a crash are row entries) and the
-result is measured: node count (top graph and total with subgraphs), initializer count,
-file bytes, wall time, peak memory (resident, and above the child's baseline after its
-imports), outputs on onnxruntime against the original's (same feeds; same input and
-output names, types and dynamic dimensions), and onnxruntime CPU latency with
-ORT_ENABLE_ALL, one thread, as a ratio to the original (runs interleaved, median).
+child process (load, simplify, save; a timeout and a crash are row entries; see
+:mod:`benchmarks.simplify_tools`) and the result is measured: node count (top graph and
+total with subgraphs), initializer count, file bytes, wall time, peak memory (resident,
+and above the child's baseline after its imports), outputs on onnxruntime against the
+original's (same feeds; same input and output names, types and dynamic dimensions), and
+onnxruntime CPU latency with ORT_ENABLE_ALL, one thread, as a ratio to the original
+(runs interleaved, median).
 
 Then generated chains of 10k and 100k nodes (time ratio for 10x the nodes) and a
 generated model over 2 GB with external data. Raw figures go to
@@ -24,13 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import queue
-import resource
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -41,139 +39,12 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, machine_line, markdown_table, median, save_results, update_readme
+from benchmarks.simplify_tools import PEERS, isolated, run_tool
 
 PASSES_B = "[dead-nodes,dedup-weights,cse,fold-batchnorm]"
-PEERS = ("onnxoptimizer", "onnxsim", "onnxslim")
 RTOL, ATOL = 1e-3, 1e-4
-TWO_GB = 2**31
 
 PPOCR_SHAPES = {"ppocr-det": (1, 3, 256, 256), "ppocr-rec": (1, 3, 48, 320), "ppocr-cls": (1, 3, 48, 192)}
-
-
-# --------------------------------------------------------------------------------------
-# The tools, each run in a child process
-# --------------------------------------------------------------------------------------
-
-
-def _status(field: str) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_now() -> int:
-    return _status("VmRSS")
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process. VmHWM belongs to the address space that exec
-    created; ``ru_maxrss`` would also count the parent's pages at fork time."""
-    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _save_proto(proto: onnx.ModelProto, out: str) -> None:
-    """Save a peer's result as a user would: external data when it must."""
-    if proto.ByteSize() >= TWO_GB - 2**27:
-        onnx.save(proto, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=Path(out).name + ".data")
-    else:
-        onnx.save(proto, out)
-
-
-def run_tool(tool: str, src: str, out: str, pipeline: str | None) -> dict:
-    """Load ``src``, simplify it with ``tool``, save to ``out``. Runs in a child process;
-    imports happen before the clock starts and before the memory baseline is read."""
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-    if tool == "onnxopt":
-        from onnxopt import Model, PassManager
-
-        manager = PassManager(pipeline or "default")  # imports the pass library
-        baseline = _rss_now()
-        t0 = time.perf_counter()
-        model = Model.load(src)
-        result = manager.run(model)
-        model.save(out)
-        seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "baseline_rss": baseline, "rounds": [g["rounds"] for g in result.groups],
-                "converged": result.converged}
-    if tool == "onnxoptimizer":
-        import onnxoptimizer
-
-        baseline = _rss_now()
-        t0 = time.perf_counter()
-        proto = onnx.load(src)
-        _save_proto(onnxoptimizer.optimize(proto), out)
-    elif tool == "onnxsim":
-        import onnxsim
-
-        baseline = _rss_now()
-        t0 = time.perf_counter()
-        proto = onnx.load(src)
-        simplified, ok = onnxsim.simplify(proto)
-        if not ok:
-            raise RuntimeError("onnxsim: its own check failed")
-        _save_proto(simplified, out)
-    elif tool == "onnxslim":
-        import onnxslim
-
-        baseline = _rss_now()
-        t0 = time.perf_counter()
-        proto = onnx.load(src)
-        _save_proto(onnxslim.slim(proto), out)
-    else:
-        raise ValueError(tool)
-    return {"seconds": time.perf_counter() - t0, "baseline_rss": baseline}
-
-
-def _child(fn, args, q) -> None:
-    try:
-        result = fn(*args)
-        result["peak_rss"] = _peak_rss()
-        q.put(("ok", result))
-    except BaseException as exc:  # a peer's failure is a row entry
-        text = str(exc).strip().splitlines()
-        where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-        q.put(("error", f"{type(exc).__name__}: {text[0][:160] if text else ''}"
-                        + (f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else "")))
-
-
-def isolated(fn, args, timeout: float) -> dict:
-    """Run ``fn(*args)`` in a spawned process; a crash or a timeout is reported, not raised."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, q))
-    proc.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                status, value = q.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if not proc.is_alive():
-                    try:
-                        status, value = q.get(timeout=1)
-                        break
-                    except queue.Empty:
-                        return {"ok": False, "error": f"crashed (exit code {proc.exitcode})"}
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        return {"ok": False, "error": value}
-    return {"ok": True, **value}
 
 
 # --------------------------------------------------------------------------------------

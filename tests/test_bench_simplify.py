@@ -14,12 +14,11 @@ from benchmarks.simplify import (
     big_model,
     chain_model,
     figures,
-    isolated,
-    run_tool,
     same_outputs,
     tables,
     targets,
 )
+from benchmarks.simplify_tools import isolated, run_tool
 from onnxopt import Model
 from tests.helpers import assert_same_outputs
 
