@@ -82,6 +82,13 @@ class _Importer:
         scope = ChainMap(local, outer)
         used: set[str] = set()
 
+        def declared(name: str) -> gs.Tensor:
+            """The tensor this graph itself names ``name`` (a new Variable at first sight)."""
+            t = local.get(name)
+            if t is None:
+                t = local[name] = gs.Variable(name)
+            return t
+
         def lookup(name: str) -> gs.Tensor:
             if not name:
                 return gs.Variable.empty()
@@ -104,23 +111,12 @@ class _Importer:
             initializers.append(const)
 
         for vi in proto.value_info:
-            t = local.get(vi.name)
-            if t is None:
-                t = local[vi.name] = gs.Variable(vi.name)
+            t = declared(vi.name)
             if isinstance(t, gs.Variable):
                 _apply_value_info(t, vi)
 
-        inputs = []
-        for vi in proto.input:
-            t = local.get(vi.name)
-            if t is None:
-                t = local[vi.name] = gs.Variable(vi.name)
-            if isinstance(t, gs.Variable):
-                _apply_value_info(t, vi)
-            else:
-                t.input_value_info = vi
-            inputs.append(t)
-            used.add(vi.name)
+        inputs = [_with_value_info(declared(vi.name), vi, "input") for vi in proto.input]
+        used.update(vi.name for vi in proto.input)
 
         nodes = []
         for np_ in proto.node:
@@ -137,11 +133,8 @@ class _Importer:
                 if not name:
                     outs.append(gs.Variable.empty())
                     continue
-                t = local.get(name)
-                if t is None:
-                    t = local[name] = gs.Variable(name)
                 used.add(name)
-                outs.append(t)
+                outs.append(declared(name))
             node.outputs = outs
             node.attr_types = {a.name: a.type for a in np_.attribute}
             if np_.doc_string:
@@ -152,14 +145,7 @@ class _Importer:
                 node.overload = np_.overload
             nodes.append(node)
 
-        outputs = []
-        for vi in proto.output:
-            t = lookup(vi.name)
-            if isinstance(t, gs.Variable):
-                _apply_value_info(t, vi)
-            else:
-                t.output_value_info = vi
-            outputs.append(t)
+        outputs = [_with_value_info(lookup(vi.name), vi, "output") for vi in proto.output]
 
         # value_info naming no tensor of the graph (or naming an initializer) is kept
         # aside for a faithful round-trip.
@@ -203,6 +189,17 @@ class _Importer:
             else:
                 out[a.name] = RawAttribute(a)
         return out
+
+
+def _with_value_info(t: gs.Tensor, vi: onnx.ValueInfoProto, role: str) -> gs.Tensor:
+    """``t`` given the type a graph input or output declares for it: applied to a
+    Variable; kept verbatim on a Constant (an initializer that is also a graph input or
+    output), where the exporter finds it as ``input_value_info``/``output_value_info``."""
+    if isinstance(t, gs.Variable):
+        _apply_value_info(t, vi)
+    else:
+        setattr(t, f"{role}_value_info", vi)
+    return t
 
 
 def _apply_value_info(t: gs.Variable, vi: onnx.ValueInfoProto) -> None:
