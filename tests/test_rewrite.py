@@ -6,7 +6,7 @@ import onnx
 
 from onnxopt.graph import replace_uses
 from onnxopt.model import extras
-from onnxopt.rewrite import drop_nodes, prune_unused, small_const
+from onnxopt.rewrite import const_value_if_small, drop_nodes, prune_unused
 from tests.helpers import ops, parse
 
 
@@ -56,7 +56,7 @@ def test_drop_nodes_unlinks_from_a_widely_shared_constant():
     assert sum(1 for t in read if t is c) == 25
 
 
-def test_small_const_does_not_load_large_weights():
+def test_const_value_if_small_does_not_load_large_weights():
     import numpy as np
     from onnx import numpy_helper
     from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -70,5 +70,5 @@ def test_small_const_does_not_load_large_weights():
     proto.graph.initializer.append(numpy_helper.from_array(np.zeros((512, 1024), np.float32), "w"))
     model = Model.from_proto(proto)
     w = model.graph.nodes[0].inputs[1]
-    assert small_const(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
-    assert small_const(w, limit=4 << 20).shape == (512, 1024)
+    assert const_value_if_small(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
+    assert const_value_if_small(w, limit=4 << 20).shape == (512, 1024)
