@@ -133,7 +133,7 @@ class AffineFolder:
                  names: Callable[[str], str] | None = None):
         self.model = model
         self.index = index if index is not None else ShapeIndex(model)
-        self.read: Reader = read if read is not None else const_value_if_small
+        self.read: Reader = read if read is not None else _look
         self.edits = edits if edits is not None else Edits()
         self._names = names
         graphs = graphs if graphs is not None else list(iter_graphs(model.graph))
@@ -368,6 +368,12 @@ class AffineFolder:
         else:
             self.edits.take_output(layer, follower)
         self.folded[fold.kind] += 1
+
+
+def _look(t: gs.Tensor) -> np.ndarray | None:
+    """The default operand reader: a constant's value, never loading a large one, and not
+    kept on the tensor (a model that is only looked at is written back unchanged)."""
+    return const_value_if_small(t, load=False)
 
 
 def _scaled(layer: gs.Node, w: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -143,12 +143,14 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor],
     return removed, released
 
 
-def const_value_if_small(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | None:
+def const_value_if_small(t: gs.Tensor, limit: int = 1 << 20, *, load: bool = True) -> np.ndarray | None:
     """The value of a constant of at most ``limit`` bytes, else None.
 
     Pattern matchers ask "is this operand a zero, a one, a per-channel vector?" of every
     operand they meet; a large weight is never the answer, and loading it to find out
-    would pull (and keep) external data into memory.
+    would pull (and keep) external data into memory. ``load=False``: as for
+    :func:`onnxopt.graph.const_value` (the value is not kept on the tensor, so a tensor
+    that is only looked at is written back unchanged).
     """
     if not t.name:
         return None
@@ -159,7 +161,7 @@ def const_value_if_small(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | Non
         held = t.inputs[0].attrs.get("value")
         if isinstance(held, gs.Constant) and tensor_nbytes(held) > limit:
             return None
-    return const_value(t)
+    return const_value(t, load=load)
 
 
 class Edits:

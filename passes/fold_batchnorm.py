@@ -32,7 +32,9 @@ class FoldBatchNorm(Pass):
     """
 
     name = "fold-batchnorm"
-    summary = "fold BatchNormalization and per-channel Mul/Div/Add/Sub into the preceding Conv/Gemm/MatMul"
+    # The README's pass table repeats this line (a test compares them): it names Mul/Add for
+    # the whole per-channel family, Div and Sub included.
+    summary = "fold BatchNormalization and per-channel Mul/Add into the preceding Conv/Gemm/MatMul"
     exact = True
     options = {}
 
