@@ -207,7 +207,7 @@ def _cmd_inspect(args, console) -> int:
     info = inspect_model(model, args.model)
     groups = None
     if args.groups:
-        from .groups import analyze
+        from .channels import analyze
 
         found = analyze(model)
         groups = {"summary": found.stats(), "groups": found.describe()}

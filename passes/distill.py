@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.activations import capture
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.groups import param_value, write_constant
+from onnxopt.graph import const_through_shape_ops, write_constant
 from onnxopt.model import Model
 
 __all__ = ["Distill", "find_head", "Dense"]
@@ -53,28 +53,28 @@ class Dense:
     out: gs.Tensor  # the layer's output (after the bias)
 
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
-        w = np.asarray(param_value(self.node.inputs[1]), np.float64)
+        w = np.asarray(const_through_shape_ops(self.node.inputs[1]), np.float64)
         if self.node.op == "Gemm":
             alpha = float(self.node.attrs.get("alpha", 1.0))
             w = alpha * (w.T if self.node.attrs.get("transB", 0) else w)
         b = np.zeros(w.shape[1])
         if self.bias is not None:
             place, index = self.bias
-            b = np.broadcast_to(np.asarray(param_value(place.inputs[index]), np.float64).reshape(-1),
-                                (w.shape[1],)).copy()
+            b = np.asarray(const_through_shape_ops(place.inputs[index]), np.float64).reshape(-1)
+            b = np.broadcast_to(b, (w.shape[1],)).copy()
             if place.op == "Gemm":
                 b = b * float(place.attrs.get("beta", 1.0))
         return w, b
 
     def write(self, model: Model, w: np.ndarray, b: np.ndarray) -> None:
-        old = param_value(self.node.inputs[1])
+        old = const_through_shape_ops(self.node.inputs[1])
         if self.node.op == "Gemm":
             m = w / float(self.node.attrs.get("alpha", 1.0))
             w = m.T if self.node.attrs.get("transB", 0) else m
         write_constant(model, self.node, 1, w.astype(old.dtype))
         if self.bias is not None:
             place, index = self.bias
-            ob = param_value(place.inputs[index])
+            ob = const_through_shape_ops(place.inputs[index])
             if place.op == "Gemm":
                 b = b / float(place.attrs.get("beta", 1.0))
             if ob.size == b.size:
@@ -198,25 +198,25 @@ def _dense_producing(t: gs.Tensor) -> Dense | None:
     node = t.inputs[0]
     if node.op == "Add" and len(node.inputs) == 2:
         for k in (0, 1):
-            b = param_value(node.inputs[k])
+            b = const_through_shape_ops(node.inputs[k])
             other = node.inputs[1 - k]
             if b is not None and other.inputs and other.inputs[0].op == "MatMul" and len(other.outputs) == 1:
                 mm = other.inputs[0]
-                w = param_value(mm.inputs[1])
+                w = const_through_shape_ops(mm.inputs[1])
                 if w is not None and w.ndim == 2 and b.size == w.shape[1] and w.dtype.kind == "f":
                     return Dense(mm, (node, k), t)
         return None
     if node.op == "MatMul":
-        w = param_value(node.inputs[1])
+        w = const_through_shape_ops(node.inputs[1])
         if w is not None and w.ndim == 2 and w.dtype.kind == "f":
             return Dense(node, None, t)
         return None
     if node.op == "Gemm" and not node.attrs.get("transA", 0):
-        w = param_value(node.inputs[1])
+        w = const_through_shape_ops(node.inputs[1])
         if w is None or w.dtype.kind != "f":
             return None
         if len(node.inputs) > 2 and node.inputs[2].name:
-            c = param_value(node.inputs[2])
+            c = const_through_shape_ops(node.inputs[2])
             n = w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
             if c is None or c.size not in (1, n):
                 return None
