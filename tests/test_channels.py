@@ -397,14 +397,14 @@ def test_analysis_runs_on_ppocr(name):
 # ---- the command line -------------------------------------------------------------------
 
 
-def test_inspect_groups_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
+def test_inspect_channel_groups_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     path = tmp_path / "cnn.onnx"
     onnx.save(builders.cnn(), path)
-    assert main(["inspect", str(path), "--groups"]) == 0
+    assert main(["inspect", str(path), "--channel-groups"]) == 0
     out = capsys.readouterr().out
     assert "channel groups: 3 of 4 prunable" in out and "reaches graph output" in out
-    assert main(["inspect", str(path), "--groups", "--json"]) == 0
+    assert main(["inspect", str(path), "--channel-groups", "--json"]) == 0
     import json
 
     data = json.loads(capsys.readouterr().out)

@@ -1,5 +1,5 @@
 """Channel-dependency analysis and the rewrite that removes channels: what structured
-pruning (``prune-channels``, ``merge-neurons``) and ``onnxopt inspect --groups``
+pruning (``prune-channels``, ``merge-neurons``) and ``onnxopt inspect --channel-groups``
 build on.
 
 - :mod:`.dependencies` — :func:`analyze`: which channels must go together

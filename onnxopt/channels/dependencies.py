@@ -13,7 +13,7 @@ convolution, a reshape that splits the channel axis, a tensor read inside an If/
 body, a graph output, an unknown domain ...) makes every group it touches un-prunable,
 with the reason recorded and logged at DEBUG. Weights may be initializers, Constant-node
 outputs or short constant expressions, never overridable initializers. Subgraph bodies
-are left alone. ``onnxopt inspect --groups`` shows the result.
+are left alone. ``onnxopt inspect --channel-groups`` shows the result.
 """
 
 from __future__ import annotations
