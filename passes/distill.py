@@ -1,24 +1,19 @@
 """distill: fit the student's final classifier layer(s) to the teacher's soft outputs.
 
 After compression the last layers see different features. ``distill`` computes those
-features with onnxruntime on the calibration data (the input of the final layer(s)),
-the teacher's logits on the same data (``ctx.reference``, the original model), and fits
-the final layer(s) by gradient descent (Adam, in numpy) on the distillation loss
+features and the teacher's logits (``ctx.reference``) with onnxruntime on the
+calibration data and fits the final layer(s) by Adam, in numpy, on the distillation loss
 
     L = (1 − α)·CE(labels, student) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))
 
-(Hinton et al. 2015). Labels are optional: without them α is 1 (pure distillation).
-They are given with the ``labels`` option: a ``.npy`` file of integer classes, or a
-``.npz`` holding an array ``labels``, one class per row of logits, in calibration order
-(a calibration sample holding a batch of 64 inputs takes 64 labels; a sequence model's
-``[N, T, classes]`` logits take ``N*T``) — calibration files carry model inputs only.
+(Hinton et al. 2015). Labels are optional (without them α is 1): a ``.npy`` of integer
+classes or a ``.npz`` holding ``labels``, one per row of logits in calibration order.
 
 The final layer is found from the first graph output (or ``output``) backwards, through
 Softmax/LogSoftmax/Identity/Reshape, to a Gemm or a MatMul with a constant weight (and
-its bias Add); ``layers=2`` also fits the layer before it when a ReLU joins them. A
-``holdout`` share of the rows is kept out of the fit; the stats — KL at temperature T and
-top-1 agreement with the teacher, before and after — are measured on it. The new weights
-are kept only if the loss on those rows went down.
+its bias Add); ``layers=2`` also fits the layer before it across a ReLU. A ``holdout``
+share of the rows measures the result (KL and top-1 agreement with the teacher), and the
+new weights are kept only if the loss on them went down.
 """
 
 from __future__ import annotations

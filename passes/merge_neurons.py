@@ -1,26 +1,18 @@
 """merge-neurons: fold a neuron into a nearly parallel partner instead of just dropping it.
 
-If neuron ``j`` computes ``y_j = w_j·x + b_j`` and another neuron ``i`` of the same layer
-has ``(w_i, b_i)`` pointing the same way, ``(w_j, b_j) ≈ s·(w_i, b_i)`` with ``s > 0``,
-then after a positively homogeneous activation (ReLU, LeakyReLU, PReLU with equal
-slopes, none) ``act(y_j) ≈ s·act(y_i)``: whatever read ``j`` can read ``i`` scaled by
-``s``. So ``j`` is removed and ``s`` times its outgoing weights are added to ``i``'s
-(Kim et al., Neuron Merging, NeurIPS 2020). The layer's function is kept exactly when the
-incoming vectors are exactly parallel, and approximately when their cosine is close to 1.
+If neuron ``j`` computes ``w_j·x + b_j ≈ s·(w_i·x + b_i)`` with ``s > 0`` and a positively
+homogeneous activation follows (ReLU, LeakyReLU, PReLU with equal slopes, none), then
+whatever reads ``j`` can read ``i`` scaled by ``s``: ``j`` is removed and ``s`` times its
+outgoing weights are added to ``i``'s (Kim et al., Neuron Merging, NeurIPS 2020). The
+result is exact for exactly parallel vectors and close for a cosine near 1.
 
-The incoming vector of a channel is the layer's filter and bias seen through the
-per-channel affine ops before the activation (BatchNormalization, Mul/Add/Sub/Div by
-constants), so a Conv -> BN -> ReLU -> Conv block merges correctly. Between the
-activation and the layers that read the channels only ops linear per channel may stand
-(pooling, nearest/linear Resize, Concat, Flatten/Reshape, Transpose, a scalar Mul);
-after any other activation (sigmoid, hard-swish ...) only duplicates merge (``s ≈ 1``).
-Groups with several producers (residual joins) or a depthwise convolution, and groups
-whose channels pass through anything else, are left alone and counted by reason.
-
-Pairs are merged greedily, most parallel first, while their cosine reaches
-``threshold``, until ``ratio`` of a group's channels are gone. ``threshold=0`` turns the
-pass into pruning with compensation: the ``ratio`` least distinct channels are removed,
-each folded into its closest partner.
+The incoming vector is seen through the per-channel affine ops before the activation
+(BatchNormalization, Mul/Add/Sub/Div by constants); between the activation and the
+readers only ops linear per channel may stand, and after an activation that is not
+homogeneous only duplicates merge. Groups with several producers, a depthwise
+convolution, or anything else in the way are left alone and counted by reason. Pairs
+merge greedily, most parallel first, while their cosine reaches ``threshold`` and until
+``ratio`` of a group is gone (``threshold=0``: pruning with compensation).
 """
 
 from __future__ import annotations

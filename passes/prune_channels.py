@@ -1,32 +1,19 @@
 """prune-channels: remove whole channels and neurons, with everything that carries them.
 
 Unstructured sparsity makes a file smaller but rarely a CPU faster; removing whole
-output channels makes every kernel that touches them smaller. The channel-dependency
-groups (:mod:`onnxopt.channels`) say which channels must go together — a convolution's
-filters, its BatchNormalization parameters, the input channels of the layers that read
-them, the other branch of a residual Add, a slot in a Concat — and the rewrite keeps all
-of them consistent. Groups the analysis cannot vouch for (a Softmax over the channels, a
-graph output, a grouped convolution ...) are left alone and counted by reason.
+output channels makes every kernel that touches them smaller. The channel groups
+(:mod:`onnxopt.channels`) say which channels must go together — a convolution's filters,
+its BatchNormalization parameters, the input channels of the layers that read them, the
+other branch of a residual Add, a slot in a Concat — and the rewrite keeps all of them
+consistent; groups the analysis cannot vouch for are left alone and counted by reason.
 
-How many channels go: ``ratio`` of each group (``scope=group``); the lowest-ranked
-``ratio`` of all prunable channels together (``scope=global``, scores normalized per
-group); or ``ratio`` of all prunable channels shared out by sensitivity
-(``scope=sensitivity``): each group is pruned alone on a few calibration samples, its
-output error measured, and the removal distributed so that the predicted total error is
-least (insensitive groups lose up to ``max_ratio``, critical ones little). Never fewer
-than ``min_channels`` are kept and the kept count is rounded to the nearest multiple of
-``round_to``: onnxruntime's blocked (NCHWc) CPU convolutions only take channel counts
-that are multiples of 16 with AVX-512 (8 with AVX2) and fall back to a much slower path
-otherwise, so 30 % fewer channels can be barely faster without it. Which go: the lowest scores by
-``criterion`` — ``l1``/``l2`` norm of the filters that create the channels (the layer
-weights and depthwise kernels of the group), ``bn`` the magnitude of the BatchNormalization
-scales (network slimming; groups without one use ``l1``), or ``activation``: what the
-channel contributes where the next layers read it on the calibration data (its root mean
-square times the norm of the weights that read it).
-
-The pass is lossy: follow it with ``reconstruct`` (the original model is the teacher) to
-win back most of the fidelity. It records, in the model's metadata, which original
-channels each layer keeps, so that teacher and student can be matched.
+How many channels go is ``ratio`` of each group, of all channels ranked together, or of
+all channels shared out by the error each group causes alone on calibration data
+(``scope``); which go is the lowest-scored by ``criterion``. ``round_to`` keeps channel
+counts that onnxruntime's blocked CPU convolutions take (multiples of 16 with AVX-512, 8
+with AVX2), without which fewer channels need not run faster. The pass is lossy: follow
+it with ``reconstruct``; the channel map it records in the model's metadata lets teacher
+and student layers be matched.
 """
 
 from __future__ import annotations

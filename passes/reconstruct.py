@@ -1,31 +1,20 @@
 """reconstruct: refit compressed layers so that they reproduce the teacher's activations.
 
-After a lossy pass (channel pruning, neuron merging, quantization, weight sharing) each
-layer sees different inputs and, often, has lost weights. The original model — the
-teacher, ``ctx.reference`` — still knows what each layer should output. For every layer
-whose output may have moved, ``reconstruct`` runs teacher and student on the calibration
-data, collects the student's inputs X of the layer and the teacher's outputs Y of the same
-layer, and refits the layer's weights and bias by ridge least squares,
-``W = (XᵀX + λI)⁻¹ XᵀY`` (He et al. 2017, channel pruning; Luo et al. 2017, ThiNet) —
-knowledge distillation, layer by layer, without a training framework.
+After a lossy pass each layer sees different inputs and may have lost weights; the
+original model (the teacher, ``ctx.reference``) still knows what each layer should
+output. For every layer whose output may have moved, the student's inputs X and the
+teacher's outputs Y of that layer are collected on the calibration data and the weights
+and bias refitted by ridge least squares, ``W = (XᵀX + λI)⁻¹ XᵀY`` (He et al. 2017; Luo
+et al. 2017, ThiNet) — distillation layer by layer, without a training framework. Only
+XᵀX and XᵀY are kept (convolutions on sampled im2col rows), layers are refitted in
+topological ``stages`` so that later ones see the refitted earlier ones, and a refit is
+kept only if it lowers the layer's error.
 
-Memory stays bounded: only XᵀX, XᵀY and the sums of Y² are accumulated, sample by
-sample; a convolution is fitted on ``patches`` randomly sampled output positions per
-sample (its im2col rows), never on all of them. Layers are refitted in ``stages`` in
-topological order, so that later layers are fitted on the inputs the already-refitted
-earlier layers give them. A refit is kept only if it lowers the layer's error on the
-collected data.
-
-Matching: a student layer and the teacher's are the same when they produce a tensor of
-the same name (passes keep tensor names); the output channels a pruned layer kept are read
-from the channel map that ``prune-channels``/``merge-neurons`` record in the model.
-Layers: Conv (1-D/2-D, grouped and depthwise included), ConvTranspose whose stride equals
-its kernel (no overlap), Gemm, MatMul with a constant 2-D weight; a bias in a following
-Add of a per-channel constant is fitted with the layer. Layers whose weights are not
-constant (quantized, shared through a codebook) get their bias corrected only.
-
-``bias_only`` is the cheap variant for any lossy pass: bias correction, ``b += E[Y_teacher −
-Y_student]`` per output channel.
+Student and teacher layers are matched by output tensor name and, after pruning, by the
+channel map in the model's metadata. Layers: Conv (1-D/2-D, grouped and depthwise
+included), ConvTranspose with stride equal to kernel, Gemm, MatMul with a constant 2-D
+weight, with a following per-channel bias Add. Layers whose weights are not constant,
+and every layer with ``bias_only``, get bias correction: ``b += E[Y_teacher − Y_student]``.
 """
 
 from __future__ import annotations
