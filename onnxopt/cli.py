@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     si = add("inspect", "describe a model: inputs/outputs, opsets, ops, sizes")
     si.add_argument("model")
     si.add_argument("--json", action="store_true", help="print JSON")
-    si.add_argument("--groups", action="store_true",
-                    help="also show the channel-dependency groups (what structured pruning may remove)")
+    si.add_argument("--channel-groups", action="store_true",
+                    help="also show the channel groups (the channels structured pruning may remove together)")
 
     so = add("optimize", "run a pipeline of passes, validate, write the result")
     so.add_argument("model")
@@ -206,8 +206,8 @@ def _cmd_inspect(args, console) -> int:
     model = Model.load(args.model)
     info = inspect_model(model, args.model)
     groups = None
-    if args.groups:
-        from .groups import analyze
+    if args.channel_groups:
+        from .channels import analyze
 
         found = analyze(model)
         groups = {"summary": found.stats(), "groups": found.describe()}

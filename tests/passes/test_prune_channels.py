@@ -12,12 +12,12 @@ from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
 from models.synthetic import calibration
 from onnxopt import Model
+from onnxopt.channels import analyze
 from onnxopt.errors import CalibrationError, PipelineError
 from onnxopt.framework import PassContext
-from onnxopt.groups import analyze
 from onnxopt.validate import compare_outputs, run_model
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
-from tests.test_groups import PPOCR_SHAPES
+from tests.test_channels import PPOCR_SHAPES
 
 MLP = """
     <ir_version: 8, opset_import: ["" : 17]>
