@@ -25,7 +25,7 @@ override (IR < 4 initializers listed as inputs), that another node reads as data
 that are graph outputs are skipped and counted. Ties at the threshold are broken by
 position, so the same options always zero the same weights.
 
-A pruned layer is stored in whichever form is smallest (see :mod:`onnxopt.compact`):
+A pruned layer is stored in whichever form is smallest (see :mod:`onnxopt.weights.storage_plan`):
 its non-zeros and their gap-coded positions, expanded by ``ScatterElements`` when
 onnxruntime creates the session — which makes session creation slower (up to about 2x
 on PP-OCR); ``storage=dense`` keeps plain tensors with zeros instead (no expansion; the
@@ -42,22 +42,21 @@ from collections import Counter
 
 import numpy as np
 
-from onnxopt.compact import (
-    WEIGHT_OPS,
-    StorageWriter,
-    WeightSite,
-    check_selection,
-    check_targets,
-    compression_report,
-    find_weights,
-    model_opset,
-    pattern_value,
-    plan_storage,
-    select_weights,
-)
 from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.model import Model
+from onnxopt.weights.report import compression_report
+from onnxopt.weights.sites import (
+    WEIGHT_OPS,
+    WeightSite,
+    check_selection,
+    check_targets,
+    find_weights,
+    pattern_value,
+    select_weights,
+)
+from onnxopt.weights.storage_plan import model_opset, plan_storage
+from onnxopt.weights.writer import StorageWriter
 
 __all__ = ["PruneMagnitude", "nm_mask"]
 

@@ -18,7 +18,7 @@ layer stores one ``bits``-bit index per weight plus the ``k`` centroids.
 Layer selection is as in ``prune-magnitude`` (``ops``, ``include``/``exclude``,
 ``min_size``; biases and normalization parameters are never candidates); ``layers`` gives
 some layers their own width (``PATTERN=BITS``). Each layer is stored in whichever form
-is smallest (:mod:`onnxopt.compact`): bit-packed indices expanded by
+is smallest (:mod:`onnxopt.weights.storage_plan`): bit-packed indices expanded by
 ``BitShift`` → ``Cast`` → ``Gather(codebook)`` → ``Reshape``, with the positions of the
 non-zeros gap-coded when the layer is sparse — all folded into plain weights when
 onnxruntime creates the session. The stats give per layer the bits, clusters, largest
@@ -31,18 +31,18 @@ import logging
 
 import numpy as np
 
-from onnxopt.compact import (
+from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
+from onnxopt.model import Model
+from onnxopt.weights.report import compression_report
+from onnxopt.weights.sites import (
     WEIGHT_OPS,
-    StorageWriter,
     check_selection,
     check_targets,
-    compression_report,
     find_weights,
     pattern_value,
     select_weights,
 )
-from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.model import Model
+from onnxopt.weights.writer import StorageWriter
 
 __all__ = ["ShareWeights", "kmeans_1d"]
 

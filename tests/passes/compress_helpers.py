@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt import Model
-from onnxopt.compact import find_weights
 from onnxopt.graph import const_value
+from onnxopt.weights.sites import find_weights
 
 
 def values(arr: np.ndarray) -> str:
