@@ -18,4 +18,7 @@ Modules, one concern each:
     writes new weight values into a model, one storage block per form.
 ``report``
     the compression report: bytes per layer and for the whole file.
+``compression_pass``
+    the option block and the find → select → decide → write → report run that the
+    compression passes share.
 """
