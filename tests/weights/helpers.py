@@ -9,19 +9,12 @@ import onnx
 from onnxopt import Model
 from onnxopt.weights.sites import find_weights
 from onnxopt.weights.writer import StorageWriter
-from tests.helpers import parse
-from tests.passes.compress_helpers import values
+from tests.passes.compress_helpers import two_layer_mlp
 
 
 def mlp(w0: np.ndarray, w1: np.ndarray, opset: int = 17, ir: int = 8) -> Model:
     """x -> MatMul(w0) -> Add(b0) -> Relu -> MatMul(w1) -> y, opset and IR version as given."""
-    return parse(f"""
-        <ir_version: {ir}, opset_import: ["" : {opset}]>
-        g (float[N, {w0.shape[0]}] x) => (float[N, {w1.shape[1]}] y)
-        <float[{w0.shape[0]}, {w0.shape[1]}] w0 = {values(w0)}, float[{w1.shape[0]}, {w1.shape[1]}] w1 = {values(w1)},
-         float[{w0.shape[1]}] b0 = {values(np.full(w0.shape[1], 0.1))}>
-        {{ h = MatMul(x, w0)  a = Add(h, b0)  r = Relu(a)  y = MatMul(r, w1) }}
-    """)
+    return two_layer_mlp(w0, w1, bias=np.full(w0.shape[1], 0.1), ir=ir, opset=opset)
 
 
 def write(model: Model, new: dict[str, np.ndarray]) -> Model:
