@@ -38,7 +38,7 @@ from models.digits import digits_mlp, digits_split  # noqa: E402
 from models.fetch import cached  # noqa: E402
 from models.ocr_inputs import ocr_feeds  # noqa: E402
 from onnxopt import Model, PassContext, PassManager  # noqa: E402
-from onnxopt.compact import gzip_size  # noqa: E402
+from onnxopt.weights.report import gzip_size  # noqa: E402
 
 PRUNE = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 BITS = [8, 6, 5, 4, 3, 2]

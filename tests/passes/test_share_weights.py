@@ -20,6 +20,7 @@ from tests.passes.compress_helpers import (
     optimized_ops,
     run,
     storages,
+    two_layer_mlp,
     values,
     weights,
     with_weights,
@@ -31,13 +32,7 @@ W1 = RNG.standard_normal((24, 32)).astype(np.float32)
 
 
 def mlp(w0: np.ndarray = W0, w1: np.ndarray = W1) -> Model:
-    return parse(f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 32] x) => (float[N, 32] y)
-        <float[32, 24] w0 = {values(w0)}, float[24] b0 = {values(np.linspace(-1, 1, 24))},
-         float[24, 32] w1 = {values(w1)}>
-        {{ h = MatMul(x, w0)  a = Add(h, b0)  r = Relu(a)  y = MatMul(r, w1) }}
-    """)
+    return two_layer_mlp(w0, w1, bias=np.linspace(-1, 1, 24))
 
 
 def feeds() -> dict:
