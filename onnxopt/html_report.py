@@ -53,7 +53,7 @@ __all__ = ["render_html", "write_html", "load_report", "LAYER_FIGURES"]
 
 #: Per-layer columns of a pass's ``stats.layers`` drawn as bars, in this order (at most three).
 LAYER_FIGURES = ("sparsity", "bits", "bits_per_weight", "channels_kept", "sensitivity",
-                 "error_before", "error_after", "max_abs_change", "ratio")
+                 "error_before", "error_after", "max_abs_change")
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 

@@ -284,16 +284,18 @@ def layer_plot(slug: str, title: str, layers: Sequence[str], series: list[tuple[
     ticks = [_short(name, 24) for name in layers] if n <= 60 else []
     bottom = _label_inches(ticks, 6) if ticks else 0.5
     with _figure(WIDTH, 0.5 + 1.5 * len(series) + bottom, bottom=bottom, top=0.4 if note else 0.2,
-                 nrows=len(series), sharex=True, squeeze=False) as (fig, axes):
+                 nrows=len(series), squeeze=False) as (fig, axes):
         x = list(range(n))
+        pad = max(0.0, (12 - n) / 2)  # a few layers: keep the bars narrow, centred
         for k, (label, values, colors) in enumerate(series):
             ax = axes[k][0]
             vals = [0 if v is None else v for v in values]
             _mark(ax.bar(x, vals, 0.8, color=colors or AFTER), f"s{k}")
             ax.set_ylabel(label)
             ax.grid(axis="x", visible=False)
-            pad = max(0.0, (12 - n) / 2)  # a few layers: keep the bars narrow, centred
             ax.set_xlim(-0.7 - pad, n - 0.3 + pad)
+            if k < len(series) - 1:  # same x as the panel below; only the bottom one is labelled
+                ax.set_xticks([])
         if ticks:
             axes[-1][0].set_xticks(x, ticks, rotation=90, fontsize=6)
         else:

@@ -246,3 +246,25 @@ def test_ppocr_det_pages_stay_small(tmp_path):
     page = report.to_html()
     assert len(page.encode()) < 2 * 2**20
     assert len(_figures(page)) >= 4
+
+
+def test_report_without_the_added_keys_still_renders():
+    """A JSON report written before ops/opsets/layers/search existed draws what it has."""
+    data = html_pages.report("lossy")
+    for block in (data["input"], data["output"]):
+        for key in ("ops", "opsets", "ir_version"):
+            del block[key]
+    del data["layers"], data["search"]
+    page = render_html(data)
+    figures = _assert_plots(page, {"gains", "fidelity0", "latency", "pass0-sensitivity", "pass2-guard"})
+    assert "ops" not in figures and "layers-bits" not in figures
+
+
+def test_validate_command_report_renders(tmp_path):
+    src, js = tmp_path / "m.onnx", tmp_path / "v.json"
+    src.write_bytes(builders.mlp().SerializeToString())
+    assert main(["validate", str(src), str(src), "--report", str(js), "-q", "--runs", "0"]) == 0
+    page = tmp_path / "v.html"
+    assert main(["report", str(js), "-o", str(page), "-q"]) == 0
+    text = page.read_text()
+    assert "validation passed" in text and 'id="passes"' not in text
