@@ -267,12 +267,14 @@ def _check_report_path(path: str | None, flag: str = "--report") -> None:
 
 
 def _check_html(path: str | None) -> None:
-    """Fail before the run, not after it, when the page cannot be made or written."""
+    """Fail before the run, not after it, when the page cannot be made or written; then
+    let the plotting library load while the run goes on."""
     if path is not None:
-        from .plots import require
+        from .plots import preload, require
 
         _check_report_path(path, "--html")
         require()
+        preload()
 
 
 def _cmd_optimize(args, console) -> int:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import UsageError
 
-__all__ = ["EXTRA_HINT", "Plot", "require", "op_counts_plot", "pass_gains_plot", "fidelity_plot",
+__all__ = ["EXTRA_HINT", "Plot", "require", "preload", "op_counts_plot", "pass_gains_plot", "fidelity_plot",
            "latency_plot", "layer_plot", "group_plot", "pareto_plot", "history_plot"]
 
 EXTRA_HINT = "HTML reports need matplotlib: pip install 'onnxopt[report]'"
@@ -63,6 +64,23 @@ def require() -> None:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise UsageError(EXTRA_HINT) from exc
+
+
+def preload() -> threading.Thread:
+    """Import matplotlib on a background thread, so that a long run that will end in a page
+    pays for the import while onnxruntime works (it releases the interpreter). A failure
+    is left to :func:`require`, which reports it when the page is made."""
+
+    def load() -> None:
+        try:
+            import matplotlib.backends.backend_svg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported by require() when the page is made
+            pass
+
+    thread = threading.Thread(target=load, name="onnxopt-plots-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextmanager

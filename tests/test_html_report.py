@@ -268,3 +268,12 @@ def test_validate_command_report_renders(tmp_path):
     assert main(["report", str(js), "-o", str(page), "-q"]) == 0
     text = page.read_text()
     assert "validation passed" in text and 'id="passes"' not in text
+
+
+def test_preload_imports_the_plotting_library_in_the_background():
+    from onnxopt.plots import preload
+
+    thread = preload()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread.daemon
+    assert "matplotlib.figure" in sys.modules and "matplotlib.backends.backend_svg" in sys.modules
