@@ -229,7 +229,7 @@ def test_digits_classifier_keeps_its_accuracy_at_five_bits():
 
 @pytest.mark.parametrize("name, init", [("ppocr-det", "kmeans++"), ("ppocr-rec", "linear"), ("ppocr-cls", "linear")])
 def test_real_models_share_and_stay_faithful(name, init):
-    """8-bit sharing on text images (real handwritten digits): the detector's map, the
+    """8-bit sharing on text images (printed text rendered with Pillow): the detector's map, the
     recognizer's characters and the classifier's score stay; all on stock onnxruntime."""
     model = Model.load(real_model(name))
     ran = run_pass("share-weights", model, bits=8, init=init)
