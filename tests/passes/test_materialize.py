@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from models import builders
-from models.ocr_inputs import ocr_feeds
+from models.ocr import ocr_feeds
 from onnxopt import Model
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
 from tests.passes.compress_helpers import (
@@ -111,4 +111,4 @@ def test_real_models_materialize_exactly(name):
     ran = run_pass("materialize", small)
     assert ran.modified and decoder_nodes(ran.model) == 0
     assert io_signature(ran.model) == io_signature(model)
-    assert_identical_outputs(small, ran.model, ocr_feeds(name))
+    assert_identical_outputs(small, ran.model, ocr_feeds(name)[0])

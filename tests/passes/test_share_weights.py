@@ -9,7 +9,7 @@ from onnxopt.passes.share_weights import kmeans_1d
 
 from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
-from models.ocr_inputs import ocr_feeds
+from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
@@ -224,13 +224,13 @@ def test_digits_classifier_keeps_its_accuracy_at_five_bits():
 
 @pytest.mark.parametrize("name, init", [("ppocr-det", "kmeans++"), ("ppocr-rec", "linear"), ("ppocr-cls", "linear")])
 def test_real_models_share_and_stay_faithful(name, init):
-    """8-bit sharing on text images (real handwritten digits): the detector's map, the
+    """8-bit sharing on text images (printed text rendered with Pillow): the detector's map, the
     recognizer's characters and the classifier's score stay; all on stock onnxruntime."""
     model = Model.load(real_model(name))
     ran = run_pass("share-weights", model, bits=8, init=init)
     assert ran.stats["layers_shared"] >= 10
     assert io_signature(ran.model) == io_signature(model)
-    x = ocr_feeds(name)
+    (x,) = ocr_feeds(name)
     (a,), (b,) = run(model, x), run(ran.model, x)
     if name == "ppocr-det":
         text_a, text_b = a > 0.3, b > 0.3
