@@ -93,7 +93,7 @@ def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None 
     ``float_by_guard`` (quantize's accuracy guard kept it in float). Pruning's channel map
     (model metadata) says which layers lost channels.
     """
-    from .groups import channel_maps, layer_key
+    from .channels import channel_maps, layer_key
 
     guarded = set()
     for record in passes or ():
