@@ -9,7 +9,7 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
-from onnxopt.passes.quantize_fusion import analyze_fusion
+from onnxopt.passes.quantize.fusion import analyze_fusion
 
 from onnxopt import Model
 from onnxopt.errors import CalibrationError, PipelineError

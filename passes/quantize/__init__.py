@@ -55,11 +55,11 @@ from onnxopt.model import Model, iter_graphs
 from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import make_session
 
-from .quantize_calibrate import METHODS, QParams, activation_qparams, choose_range, collect
-from .quantize_fusion import INTEGER_KERNELS, analyze_fusion
-from .quantize_plan import PROFILES, Plan, PlanContext, cheap_unit, make_plan, matches, tail_of
-from .quantize_prepare import already_quantized, fold_affine, upgrade_opset
-from .quantize_rewrite import (
+from .calibrate import METHODS, QParams, activation_qparams, choose_range, collect
+from .fusion import INTEGER_KERNELS, analyze_fusion
+from .plan import PROFILES, Plan, PlanContext, cheap_unit, make_plan, matches, tail_of
+from .prepare import already_quantized, fold_affine, upgrade_opset
+from .rewrite import (
     apply_dynamic,
     apply_dynamic_lstm,
     apply_qdq,

@@ -21,8 +21,8 @@ from onnxopt.graph import NameAllocator, const_value, toposort
 from onnxopt.model import Model
 from onnxopt.rewrite import prune_unused
 
-from .quantize_calibrate import QParams, activation_qparams, weight_scales
-from .quantize_plan import Plan, Unit
+from .calibrate import QParams, activation_qparams, weight_scales
+from .plan import Plan, Unit
 
 __all__ = ["Applied", "apply_qdq", "apply_dynamic", "apply_dynamic_lstm", "apply_weight_only", "matmulnbits_available",
            "quantize_weight"]
