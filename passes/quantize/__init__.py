@@ -37,7 +37,15 @@ from onnxopt.validate import make_session
 from .calibrate import METHODS, QParams, activation_qparams, choose_range, collect
 from .fusion import Fusion, analyze_fusion, kernel_fraction
 from .guard import AccuracyGuard
-from .plan import PROFILES, QuantizePlan, calibration_tensors, make_plan, select_weight_layers
+from .plan import (
+    COMPUTE_OPS,
+    PROFILES,
+    WEIGHT_MODE_OPS,
+    QuantizePlan,
+    calibration_tensors,
+    make_plan,
+    select_weight_layers,
+)
 from .prepare import already_quantized, fold_affine, upgrade_opset
 from .rewrite import (
     Applied,
@@ -132,6 +140,16 @@ class Quantize(Pass):
                                 "(DynamicQuantizeLinear); activations=s8 is for mode=static")
         if o.mode != "static" and o.profile == "tensorrt":
             raise PipelineError("pass 'quantize': profile=tensorrt places static Q/DQ; use mode=static")
+        if o.mode != "static" and o.bias_correction:
+            raise PipelineError(f"pass 'quantize': bias_correction corrects the shift that quantized "
+                                f"activations cause; mode={o.mode} has none to correct (use mode=static)")
+        if o.op_types:
+            supported = COMPUTE_OPS[o.profile] if o.mode == "static" else WEIGHT_MODE_OPS[o.mode]
+            unknown = [op for op in o.op_types if op not in supported]
+            if unknown:
+                where = f"profile={o.profile}" if o.mode == "static" else f"mode={o.mode}"
+                raise PipelineError(f"option 'op_types' of pass 'quantize': {', '.join(unknown)} cannot be "
+                                    f"quantized with {where}; it quantizes {', '.join(supported)}")
 
     # ------------------------------------------------------------------------------
 

@@ -10,11 +10,13 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
 from onnxopt.passes.quantize.fusion import analyze_fusion
+from onnxopt.passes.quantize.plan import select_weight_layers
 
 from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, PipelineError
 from onnxopt.framework import PassContext, get_pass
 from onnxopt.graph import const_value
+from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import compare_outputs, make_session, run_model
 from tests.helpers import io_signature, run_pass
 
@@ -347,6 +349,11 @@ def test_bad_options_are_typed_errors(options, message):
     ({"mode": "dynamic", "activations": "s8"}, "mode=dynamic"),
     ({"mode": "dynamic", "profile": "tensorrt"}, "profile=tensorrt"),
     ({"mode": "weight-only", "profile": "tensorrt"}, "profile=tensorrt"),
+    ({"mode": "dynamic", "bias_correction": "true"}, "bias_correction"),
+    ({"mode": "weight-only", "bias_correction": "true"}, "bias_correction"),
+    ({"op_types": "Conv;Relu"}, "Relu cannot be quantized with profile=ort-cpu"),
+    ({"op_types": "ConvTranspose"}, "ConvTranspose cannot be quantized with profile=ort-cpu"),
+    ({"mode": "weight-only", "op_types": "Gemm"}, "Gemm cannot be quantized with mode=weight-only"),
 ])
 def test_option_combinations_are_refused_when_the_pass_is_constructed(options, message):
     with pytest.raises(PipelineError, match=message):
@@ -361,6 +368,9 @@ def test_option_combinations_are_refused_when_the_pass_is_constructed(options, m
     {"mode": "static", "bits": 5, "block_size": 48},  # weight-only options, not read by static
     {"mode": "dynamic", "activations": "u8"},
     {"mode": "static", "profile": "tensorrt", "activations": "u8"},  # a note at run time, not an error
+    {"mode": "static", "profile": "tensorrt", "op_types": ["ConvTranspose"]},
+    {"mode": "dynamic", "op_types": ["LSTM"]},
+    {"mode": "static", "bias_correction": True},
 ])
 def test_option_combinations_that_work_are_accepted(options):
     quantize = get_pass("quantize")(**options)
@@ -530,9 +540,6 @@ WEIGHT_LAYERS_FEEDS = [{"x": RNG.standard_normal((4, 32)).astype(np.float32),
                            "second operand is not a constant (activation x activation)": 1}),
     ({"mode": "weight-only", "block_size": 16},
      {"second operand is not a constant (activation x activation)": 1}),
-    ({"mode": "weight-only", "block_size": 16, "op_types": ["MatMul", "Gemm"]},
-     {"Gemm is not supported by mode=weight-only": 1,
-      "second operand is not a constant (activation x activation)": 1}),
 ])
 def test_weight_modes_choose_constant_weight_layers_and_say_why_others_stay_float(options, skipped):
     ran = run_pass("quantize", WEIGHT_LAYERS, PassContext(reference=WEIGHT_LAYERS), **options)
@@ -542,6 +549,16 @@ def test_weight_modes_choose_constant_weight_layers_and_say_why_others_stay_floa
     assert const_value(gemm.inputs[1]) is not None  # the declined Gemm keeps its float weight
     assert io_signature(ran.model) == io_signature(WEIGHT_LAYERS)
     assert cosine(WEIGHT_LAYERS, ran.model, WEIGHT_LAYERS_FEEDS) > 0.98
+
+
+def test_weight_layer_selection_says_which_op_a_mode_cannot_rewrite():
+    """The pass refuses such op_types when it is constructed; the plan, called directly,
+    still says why the layer stays float."""
+    chosen, skipped = select_weight_layers(WEIGHT_LAYERS.copy(), ShapeIndex(WEIGHT_LAYERS), mode="weight-only",
+                                           op_types=["MatMul", "Gemm"])
+    assert len(chosen) == 1
+    assert skipped == {"Gemm is not supported by mode=weight-only": 1,
+                       "second operand is not a constant (activation x activation)": 1}
 
 
 def test_weight_modes_skip_first_keeps_the_first_layer_float():
