@@ -8,7 +8,6 @@ pyproject.toml (the list is explicit: a package left out would be missing from w
 from __future__ import annotations
 
 import ast
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +50,7 @@ def test_no_class_name_is_defined_in_two_modules():
 
 
 def test_every_package_is_in_the_distribution():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
     folders = {name: ROOT / path for name, path in config["package-dir"].items()}
@@ -60,3 +60,18 @@ def test_every_package_is_in_the_distribution():
             parts = init.parent.relative_to(folder).parts
             found.add(".".join((name, *parts)))
     assert found == listed
+
+
+def test_the_readme_layout_names_every_core_module_and_pass_package():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## Benchmarks")]
+    named = set()
+    for line in layout.splitlines():
+        if line.startswith("- `"):
+            named.add(line[3:line.index("`", 3)])
+    wanted = {_rel(p) for p in _modules(["onnxopt"]) if p.parent == ROOT / "onnxopt" or p.name != "__init__.py"}
+    wanted |= {_rel(p.parent) + "/" for p in _modules(["onnxopt", "passes"])
+               if p.name == "__init__.py" and p.parent not in (ROOT / "onnxopt", ROOT / "passes")}
+    wanted |= {_rel(p) for p in _modules(["passes"]) if p.parent != ROOT / "passes" and p.name != "__init__.py"}
+    assert not wanted - named, f"not in the README's layout: {sorted(wanted - named)}"
+    assert not named - wanted, f"in the README's layout but not in the tree: {sorted(named - wanted)}"
