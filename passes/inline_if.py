@@ -35,8 +35,7 @@ and named with the reason in the stats. When the model runs on no feeds at hand 
 that needs real inputs, and none were given), what is checked is that it loads
 (``check: load`` in the stats): that is where onnxruntime's stricter checks stop a model,
 and validation compares the outputs afterwards. A model onnxruntime does not load as it
-is gets no inlining. Initializers cannot move into the main graph of an IR < 4 model
-(there every initializer is also an input), so such Ifs are left alone.
+is gets no inlining.
 """
 
 from __future__ import annotations
@@ -92,7 +91,8 @@ class InlineIf(Pass):
         if not any(_is_if(n) for g in iter_graphs(model.graph) for n in g.nodes):
             return PassResult(False, dict(stats))
         with gc_paused():
-            decisions, stats["undecided"] = _decide(model, _Conditions(ShapeIndex(model)))
+            decisions, skipped = _decide(model, _Conditions(ShapeIndex(model)))
+        stats.update(skipped)
         if not decisions:
             return PassResult(False, dict(stats))
         with tempfile.TemporaryDirectory(prefix="onnxopt-inline-if-") as tmp:
@@ -137,33 +137,30 @@ def _is_if(node: gs.Node) -> bool:
                for b in branches)
 
 
-def _decide(model: Model, conditions: _Conditions) -> tuple[list[_Decision], int]:
+def _decide(model: Model, conditions: _Conditions) -> tuple[list[_Decision], Counter]:
     """The Ifs whose condition is known, outer before inner (the untaken branches are not
-    searched), and how many Ifs stay undecided."""
+    searched), and the count of those left alone by reason."""
     found: list[_Decision] = []
-    undecided = 0
-    ir3 = model.ir_version < 4
+    skipped: Counter = Counter()
 
     def walk(g: gs.Graph, prefix: tuple[int, ...]) -> None:
-        nonlocal undecided
         for i, node in enumerate(g.nodes):
             subs = node_subgraphs(node)
             if _is_if(node):
                 value = conditions.decide(node)
                 key = None if value is None else ("then_branch" if value else "else_branch")
-                if key is not None and ir3 and not prefix and extras(node.attrs[key]).initializers:
-                    key = None  # an IR < 4 main graph holds no initializer that is not an input
-                if key is not None:
+                if key is None:
+                    skipped["undecided"] += 1
+                else:
                     found.append(_Decision(prefix + (i,), key, node.name or "?"))
                     branch = node.attrs[key]
                     walk(branch, prefix + (i, next(k for k, s in enumerate(subs) if s is branch)))
                     continue
-                undecided += 1
             for k, sub in enumerate(subs):
                 walk(sub, prefix + (i, k))
 
     walk(model.graph, ())
-    return found, undecided
+    return found, skipped
 
 
 class _Conditions:

@@ -340,3 +340,4 @@ def test_silero_vad_inlines_its_lstm_branch_and_shrinks(rate):
     ref = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     for a, b in zip(ref.run(None, feeds), sess.run(None, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
