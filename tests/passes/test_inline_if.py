@@ -21,20 +21,27 @@ def _all_ops(model: Model) -> list[str]:
     return [n.op for g in iter_graphs(model.graph) for n in g.nodes]
 
 
-def _rank_if(decl: str, rank: int) -> Model:
-    """y = If(rank(x) == rank) { Relu(x) } else { Neg(x) }."""
+def _if_on(condition: str, decl: str = "[N,3]", *, inputs: str = "", outputs: str = "", more: str = "") -> Model:
+    """y = If(c) { Relu(x) } else { Neg(x) }, ``condition`` computing c (and ``more`` nodes
+    beside, with their ``inputs`` and ``outputs``)."""
     return parse(f"""
         <ir_version: 9, opset_import: ["" : 18]>
-        g (float{decl} x) => (float[N,3] y)
+        g (float{decl} x{inputs}) => (float{decl} y{outputs})
         {{
-            s = Shape(x)
-            r = Size(s)
-            k = Constant<value = int64 {{{rank}}}>()
-            c = Equal(r, k)
-            y = If(c) <then_branch = t () => (float[N,3] a) {{ a = Relu(x) }},
-                       else_branch = e () => (float[N,3] b) {{ b = Neg(x) }}>
+            {condition}
+            y = If(c) <then_branch = t () => (float{decl} a) {{ a = Relu(x) }},
+                       else_branch = e () => (float{decl} b) {{ b = Neg(x) }}>
+            {more}
         }}
     """)
+
+
+#: c = (rank of x == {}).
+RANK_IS = "s = Shape(x)  r = Size(s)  k = Constant<value = int64 {{{}}}>()  c = Equal(r, k)"
+
+
+def _rank_if(decl: str, rank: int) -> Model:
+    return _if_on(RANK_IS.format(rank), decl)
 
 
 def test_inlines_the_branch_a_declared_rank_takes():
@@ -53,55 +60,26 @@ def test_inlines_the_else_branch_when_the_condition_is_false():
 
 
 def test_a_static_dimension_decides_and_a_dynamic_one_does_not():
-    text = """
-        <ir_version: 9, opset_import: ["" : 18]>
-        g (float[{d0},N] x) => (float[{d0},N] y)
-        {{
-            s = Shape(x)
-            i = Constant<value = int64 {{0}}>()
-            d = Gather(s, i)
-            two = Constant<value = int64 {{2}}>()
-            c = Equal(d, two)
-            y = If(c) <then_branch = t () => (float[{d0},N] a) {{ a = Relu(x) }},
-                       else_branch = e () => (float[{d0},N] b) {{ b = Neg(x) }}>
-        }}
-    """
-    static = parse(text.format(d0="2"))
+    first_is_2 = ("s = Shape(x)  i = Constant<value = int64 {0}>()  d = Gather(s, i)"
+                  "  two = Constant<value = int64 {2}>()  c = Equal(d, two)")
+    static = _if_on(first_is_2, "[2,N]")
     ran = run_pass("inline-if", static)
     assert ran.stats["inlined"] == 1 and _all_ops(ran.model) == ["Relu"]
     assert_same_outputs(static, ran.model)
-    dynamic = parse(text.format(d0="B"))
-    ran = run_pass("inline-if", dynamic)
+    ran = run_pass("inline-if", _if_on(first_is_2, "[B,N]"))
     assert not ran.modified and ran.stats["undecided"] == 1 and "If" in ops(ran.model)
 
 
 def test_a_rank_the_signature_does_not_fix_decides_nothing():
     # v's rank is the length of `target`, a dynamic dimension of the signature.
-    model = parse("""
-        <ir_version: 9, opset_import: ["" : 18]>
-        g (float[N] x, int64[K] target) => (float[N] y)
-        {
-            v = Reshape(x, target)
-            s = Shape(v)
-            r = Size(s)
-            k = Constant<value = int64 {2}>()
-            c = Equal(r, k)
-            y = If(c) <then_branch = t () => (float[N] a) { a = Relu(x) },
-                       else_branch = e () => (float[N] b) { b = Neg(x) }>
-        }
-    """)
+    model = _if_on("v = Reshape(x, target)  " + RANK_IS.format(2).replace("Shape(x)", "Shape(v)"), "[N]",
+                   inputs=", int64[K] target")
     ran = run_pass("inline-if", model)
     assert not ran.modified and ran.stats["undecided"] == 1
 
 
 def test_a_condition_fed_from_outside_decides_nothing():
-    model = parse("""
-        <ir_version: 9, opset_import: ["" : 18]>
-        g (bool c, float[2] x) => (float[2] y)
-        { y = If(c) <then_branch = t () => (float[2] a) { a = Relu(x) },
-                     else_branch = e () => (float[2] b) { b = Neg(x) }> }
-    """)
-    ran = run_pass("inline-if", model)
+    ran = run_pass("inline-if", _if_on("", "[2]", inputs=", bool c"))
     assert not ran.modified and ran.stats["undecided"] == 1
     assert not run_pass("inline-if", parse("""
         <ir_version: 9, opset_import: ["" : 18]>
@@ -272,20 +250,8 @@ def test_only_the_refused_inlining_is_undone():
 def _needs_two_rows() -> Model:
     """The rank-decided If beside a Reshape that runs only when the batch holds two rows:
     feeds generated from the signature (one row) do not run it."""
-    return parse("""
-        <ir_version: 9, opset_import: ["" : 18]>
-        g (float[N,3] x) => (float[N,3] y, float[6] z)
-        {
-            s = Shape(x)
-            r = Size(s)
-            k = Constant<value = int64 {2}>()
-            c = Equal(r, k)
-            y = If(c) <then_branch = t () => (float[N,3] a) { a = Relu(x) },
-                       else_branch = e () => (float[N,3] b) { b = Neg(x) }>
-            six = Constant<value = int64[1] {6}>()
-            z = Reshape(x, six)
-        }
-    """)
+    return _if_on(RANK_IS.format(2), outputs=", float[6] z",
+                  more="six = Constant<value = int64[1] {6}>()  z = Reshape(x, six)")
 
 
 def test_the_check_runs_the_context_feeds_and_else_checks_that_it_loads():
