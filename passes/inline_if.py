@@ -441,13 +441,14 @@ class _Recheck:
 
 
 def _feeds(model: Model, ctx: PassContext) -> dict | None:
-    """The context's feeds, or feeds generated from the signature as validation would."""
+    """The context's feeds, or feeds generated from the signature as validation would;
+    None when the context's do not fit the model or none can be generated."""
     try:
         if ctx.feeds is not None:
             check_feeds(model, ctx.feeds)
             return dict(ctx.feeds)
         return random_feeds(model, ctx.shapes, seed=ctx.seed)[0]
-    except OnnxoptError as exc:
+    except (OnnxoptError, ValueError, TypeError) as exc:
         log.debug("inline-if: no feeds for the check (%s)", exc)
         return None
 
