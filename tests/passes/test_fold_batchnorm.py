@@ -278,6 +278,37 @@ def test_operand_that_is_not_constant_stays(op):
     assert not ran.modified and ran.stats["skipped_operand_not_constant"] == 1
 
 
+
+def test_an_operand_reshaped_from_a_constant_folds_and_its_chain_goes():
+    # Paddle writes a per-channel bias as Reshape(vector, [1, C, 1, 1]) next to the Add.
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y)
+        <float[2,2,1,1] w = {1.0, -2.0, 0.5, 3.0}, float[2] k = {0.25, -1.5}>
+        {
+            c = Conv(x, w)
+            shape = Constant<value = int64[4] {1, 2, 1, 1}>()
+            kr = Reshape(k, shape)
+            y = Add(c, kr)
+        }
+    """)
+    ran = run_pass("fold-batchnorm", model)
+    assert ran.stats["add_folded"] == 1 and ran.stats["biases_created"] == 1
+    assert ops(ran.model) == ["Conv"]  # the Reshape and its target went with the Add
+    assert io_signature(ran.model) == io_signature(model)
+    assert_same_outputs(model, ran.model)
+
+
+def test_an_operand_reshaped_to_a_computed_shape_stays():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,2,3,3] x, int64[4] shape) => (float[1,2,3,3] y)
+        <float[2,2,1,1] w = {1.0, -2.0, 0.5, 3.0}, float[2] k = {0.25, -1.5}>
+        { c = Conv(x, w)  kr = Reshape(k, shape)  y = Add(c, kr) }
+    """)
+    ran = run_pass("fold-batchnorm", model)
+    assert not ran.modified and ran.stats["skipped_operand_not_constant"] == 1
+
 def test_integer_matmul_stays():
     model = parse("""
         <ir_version: 9, opset_import: ["" : 18]>
@@ -493,7 +524,7 @@ def test_control_flow_builder_is_left_equivalent():
 
 
 @pytest.mark.parametrize("name, expect", [
-    ("ppocr-cls", {"bn_folded": 35}), ("ppocr-det", {"bn_folded": 3}), ("ppocr-rec", {"bn_folded": 6})])
+    ("ppocr-cls", {"bn_folded": 35, "add_folded": 18}), ("ppocr-det", {"bn_folded": 3}), ("ppocr-rec", {"bn_folded": 6})])
 def test_real_models_fold_their_batchnorms(name, expect):
     model = Model.load(real_model(name))
     ran = run_pass("fold-batchnorm", model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from models import builders
 from models.digits import accuracy, digits_split
@@ -222,6 +222,51 @@ def test_a_result_no_larger_than_what_it_replaces_folds_above_the_limit():
     assert ran.stats["folded"] == 1 and ops(ran.model) == ["MatMul"]
     assert ran.model.summary().tensor_bytes == model.summary().tensor_bytes  # 1.44 MB in, 1.44 MB out
     assert_same_outputs(model, ran.model, {"x": np.ones((2, 600), F32)})
+
+
+
+def _gates_model(shared: bool) -> Model:
+    """An LSTM-style weight cut into three slices and joined again in another order (each
+    slice above ``grow_limit``), then used by a MatMul; ``shared``: the weight is also read
+    by a Mul, so the joined copy would be written beside it."""
+    w = numpy_helper.from_array((np.arange(512 * 32, dtype=F32) / 1000).reshape(512, 32), "w")
+    nodes, inits = [], [w]
+    for k, (a, b) in enumerate([(0, 128), (384, 512), (128, 384)]):
+        inits += [numpy_helper.from_array(np.array([a], np.int64), f"s{k}"),
+                  numpy_helper.from_array(np.array([b], np.int64), f"e{k}")]
+        nodes.append(helper.make_node("Slice", ["w", f"s{k}", f"e{k}"], [f"p{k}"]))
+    nodes += [helper.make_node("Concat", ["p0", "p1", "p2"], ["wc"], axis=0),
+              helper.make_node("MatMul", ["x", "wc"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])]
+    if shared:
+        nodes.append(helper.make_node("Mul", ["v", "w"], ["z"]))
+        inputs.append(helper.make_tensor_value_info("v", TensorProto.FLOAT, [512, 32]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [512, 32]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_slices_joined_back_into_one_tensor_replace_the_weight():
+    model = _gates_model(shared=False)
+    ran = run_pass("fold-constants", model)
+    assert ran.stats["folded"] == 4 and ops(ran.model) == ["MatMul"]
+    assert ran.model.summary().tensor_bytes <= model.summary().tensor_bytes  # the weight, reordered
+    assert len(ran.model.to_bytes()) <= len(model.to_bytes())
+    assert_same_outputs(model, ran.model, {"x": np.linspace(-1, 1, 1024, dtype=F32).reshape(2, 512)})
+    assert not run_pass("fold-constants", ran.model).modified
+
+
+def test_slices_of_a_weight_read_elsewhere_are_not_copied():
+    model = _gates_model(shared=True)
+    ran = run_pass("fold-constants", model)
+    assert ran.stats["folded"] == 0 and ran.stats["skipped_size_limit"] == 4  # the Concat goes with them
+    assert ops(ran.model).count("Slice") == 3 and "Concat" in ops(ran.model)
+    assert ran.model.summary().tensor_bytes <= model.summary().tensor_bytes
+    feeds = {"x": np.ones((2, 512), F32), "v": np.full((512, 32), 2.0, F32)}
+    assert_same_outputs(model, ran.model, feeds)
+    loose = run_pass("fold-constants", model, grow_limit=1 << 20)
+    assert loose.stats["folded"] == 4 and ops(loose.model) == ["MatMul", "Mul"]
 
 
 # ---- what is never folded -------------------------------------------------------------
