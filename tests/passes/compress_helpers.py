@@ -90,6 +90,12 @@ def run(model: Model, feeds: dict) -> list[np.ndarray]:
 
 def assert_identical_outputs(a: Model, b: Model, feeds: dict) -> None:
     """Both models give bit-identical outputs on onnxruntime."""
-    for x, y in zip(run(a, feeds), run(b, feeds)):
+    assert_identical(run(a, feeds), run(b, feeds))
+
+
+def assert_identical(xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
+    """The arrays are bit-identical, pair by pair (shape, dtype and bytes)."""
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
         assert x.shape == y.shape and x.dtype == y.dtype
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"max diff {np.abs(x - y).max()}"

@@ -16,7 +16,15 @@ from onnxopt.errors import PipelineError
 from onnxopt.fingerprint import content_bytes, fingerprint, signature
 from onnxopt.framework import get_pass
 from onnxopt.model import ExternalValues, extras, iter_graphs
-from tests.helpers import assert_same_outputs, io_signature, node_count, parse, real_model, run_pass
+from tests.helpers import (
+    REAL_MODEL_NAMES,
+    assert_same_outputs,
+    io_signature,
+    node_count,
+    parse,
+    real_model,
+    run_pass,
+)
 
 OPSET = 18
 
@@ -423,18 +431,15 @@ def test_fingerprint_reads_the_header_first():
     assert fingerprint(arr) != fingerprint(arr.astype(np.int32))
 
 
-# ---- real models -------------------------------------------------------------------------
+# ---- real models (tests/conformance holds dedup-weights alone on them to the contract) ---
 
 
-@pytest.mark.parametrize("name", ["ppocr-det", "ppocr-rec", "ppocr-cls"])
+@pytest.mark.parametrize("name", REAL_MODEL_NAMES)
 def test_real_models_share_their_repeated_constants(name):
     model = Model.load(real_model(name))
     ran = run_pass("dedup-weights", model)
     assert ran.modified and ran.stats["constant_nodes_removed"] > 50  # Paddle repeats 3.0, 6.0, axes ...
     assert node_count(ran.model) == node_count(model) - ran.stats["constant_nodes_removed"]
-    assert io_signature(ran.model) == io_signature(model)
-    assert_same_outputs(model, ran.model, shapes={"x": (1, 3, 48, 96)} if name != "ppocr-det" else None)
-    assert not run_pass("dedup-weights", ran.model).modified
 
 
 @pytest.mark.parametrize("path", light_models(), ids=lambda p: p.stem)
@@ -459,13 +464,7 @@ def test_digits_classifier_keeps_its_accuracy():
 
 
 def test_silero_vad_bodies_read_outer_constants():
-    from tests.helpers import silero_feeds
-
     model = Model.load(real_model("silero-vad"))
     ran = run_pass("dedup-weights", model)
     assert ran.stats["constant_nodes_removed"] > 200  # most of them inside the 25 If bodies
     assert ran.stats["skipped_out_of_scope"] > 0  # duplicates in sibling branches stay
-    assert io_signature(ran.model) == io_signature(model)
-    for rate in (16000, 8000):
-        assert_same_outputs(model, ran.model, silero_feeds(rate))
-    assert not run_pass("dedup-weights", ran.model).modified

@@ -384,7 +384,7 @@ def test_bad_options_are_clear_errors():
     assert step.pass_.opts.size_limit == 2 << 20
 
 
-# ---- real models ------------------------------------------------------------------------
+# ---- real models (tests/conformance holds fold-constants alone on them to the contract) --
 
 PPOCR_SHAPES = {"ppocr-det": [(1, 3, 64, 96), (2, 3, 96, 64)],
                 "ppocr-rec": [(1, 3, 48, 96), (2, 3, 48, 160)],
@@ -397,7 +397,6 @@ def test_ppocr_models_fold_and_stay_equivalent_at_every_size(name):
     ran = run_pass("fold-constants", model)
     assert ran.modified and node_count(ran.model) < node_count(model) * 0.6
     assert "Constant" not in ops(ran.model)  # Paddle's weights: Constant nodes, now initializers
-    assert io_signature(ran.model) == io_signature(model)
     if name != "ppocr-det":
         assert ran.stats["reshape_targets"] == 1  # Reshape(x, Concat(Shape(x)[0:k], ...)) -> copy dims
     rng = np.random.default_rng(0)
