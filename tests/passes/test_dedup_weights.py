@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -24,9 +25,8 @@ from tests.helpers import (
     parse,
     real_model,
     run_pass,
+    with_weights,
 )
-
-OPSET = 18
 
 
 def _initializer_names(model: Model) -> list[str]:
@@ -89,11 +89,16 @@ _DTYPES = [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorPro
 
 
 def _identity_pair(elem: int, make) -> onnx.ModelProto:
-    a, b = make("a"), make("b")
-    nodes = [helper.make_node("Identity", ["a"], ["y"]), helper.make_node("Identity", ["b"], ["z"])]
-    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", elem, [4]),
-                                              helper.make_tensor_value_info("z", elem, [4])], [a, b])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    """Initializers ``a`` and ``b`` of element type ``elem``, each read by an Identity. The
+    tensors come from ``make`` (onnx.helper): the text format spells float16, bfloat16 and
+    float8 values as bit patterns and does not pack int4."""
+    t = TensorProto.DataType.Name(elem).lower()
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g () => ({t}[4] y, {t}[4] z) {{ y = Identity(a)  z = Identity(b) }}
+    """)
+    proto.graph.initializer.extend([make("a"), make("b")])
+    return proto
 
 
 @pytest.mark.parametrize("elem", _DTYPES, ids=lambda e: TensorProto.DataType.Name(e))
@@ -112,16 +117,15 @@ def test_every_element_type_merges_without_being_cast(elem):
 
 
 def test_raw_and_typed_storage_of_the_same_values_merge():
-    values = np.array([1.5, -2.0, 0.25], np.float32)
-    raw = numpy_helper.from_array(values, "raw")
-    typed = helper.make_tensor("typed", TensorProto.FLOAT, [3], values.tolist())
-    assert raw.HasField("raw_data") and not typed.HasField("raw_data")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "raw"], ["y"]), helper.make_node("Mul", ["x", "typed"], ["z"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3])], [raw, typed])
-    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]))
+    # The text spells typed values (float_data); numpy's array arrives as raw bytes.
+    model = with_weights("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[3] x, float[3] raw) => (float[3] y, float[3] z)
+        <float[3] typed = {1.5, -2.0, 0.25}>
+        { y = Add(x, raw)  z = Mul(x, typed) }
+    """, raw=np.array([1.5, -2.0, 0.25], np.float32))
+    storage = {i.name: i.HasField("raw_data") for i in model.to_proto().graph.initializer}
+    assert storage == {"raw": True, "typed": False}
     ran = run_pass("dedup-weights", model)
     assert ran.stats["merged"] == 1
     assert_same_outputs(model, ran.model)
@@ -392,13 +396,11 @@ def test_loop_body_reads_the_outer_weight():
 def test_external_data_is_read_only_for_tensors_sharing_a_header(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 64)).astype(np.float32)
-    inits = [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w.copy(), "w2"),
-             numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "lonely")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["b"]),
-             helper.make_node("Gemm", ["b", "lonely"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
-    Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])).save(
+    with_weights("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1, 64] x, float[64, 64] w1, float[64, 64] w2, float[32, 64] lonely) => (float[1, 32] y)
+        { a = MatMul(x, w1)  b = MatMul(a, w2)  y = Gemm <transB = 1> (b, lonely) }
+    """, w1=w, w2=w.copy(), lonely=rng.standard_normal((32, 64)).astype(np.float32)).save(
         tmp_path / "m.onnx", external_data=True)
     model = Model.load(tmp_path / "m.onnx")
     assert model.has_external_data()
