@@ -12,8 +12,16 @@ from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.graph import const_value
 from onnxopt.model import iter_graphs
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
-from tests.passes.test_quantize import with_weights
+from tests.helpers import (
+    assert_same_outputs,
+    io_signature,
+    node_count,
+    ops,
+    parse,
+    real_model,
+    run_pass,
+    with_weights,
+)
 
 
 def test_folds_conv_batchnorm_and_creates_the_bias():
@@ -520,7 +528,7 @@ def test_control_flow_builder_is_left_equivalent():
     assert io_signature(ran.model) == io_signature(model)
 
 
-# ---- real models -------------------------------------------------------------------------
+# ---- real models (tests/conformance holds fold-batchnorm alone on them to the contract) --
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -532,10 +540,6 @@ def test_real_models_fold_their_batchnorms(name, expect):
         assert ran.stats[key] == value
     assert "BatchNormalization" not in ops(ran.model)
     assert node_count(ran.model) == node_count(model) - ran.stats["nodes_removed"]
-    assert io_signature(ran.model) == io_signature(model)
-    shapes = {"x": (1, 3, 48, 192)} if name != "ppocr-det" else {"x": (1, 3, 96, 128)}
-    assert_same_outputs(model, ran.model, shapes=shapes, rtol=1e-3, atol=1e-4)
-    assert not run_pass("fold-batchnorm", ran.model).modified
 
 
 def test_cnn_builder_folds_every_batchnorm():
@@ -564,11 +568,8 @@ def test_digits_classifier_keeps_its_accuracy():
     assert accuracy(ran.model.to_proto(), x_test, y_test) == accuracy(proto, x_test, y_test)
 
 
-def test_silero_vad_is_left_equivalent():
-    from tests.helpers import silero_feeds
-
+def test_silero_vad_is_left_alone():
     model = Model.load(real_model("silero-vad"))
     ran = run_pass("fold-batchnorm", model)
     assert not ran.modified  # its Conv layers feed Relu, not an affine node
     assert ran.model.to_bytes() == model.to_bytes()
-    assert_same_outputs(model, ran.model, silero_feeds(16000))
