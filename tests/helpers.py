@@ -34,7 +34,8 @@ def with_weights(model: Model | str, **weights: np.ndarray) -> Model:
     """``model`` with the named tensors holding the given values, as a new Model.
 
     ``model`` is a Model (left alone) or ONNX text. In text, a graph input named in
-    ``weights`` becomes an initializer holding the value, so that the picture stays readable
+    ``weights`` (or a name a node reads that nothing defines) becomes an initializer holding
+    the value, so that the picture stays readable
     while numpy supplies the numbers; unnamed nodes are named after their first output. A
     constant of that name (initializer or Constant-node value, in any graph) takes the value
     in its own dtype. A name that is neither is an error: a typo would otherwise test nothing.
@@ -45,7 +46,9 @@ def with_weights(model: Model | str, **weights: np.ndarray) -> Model:
         g = proto.graph
         for node in g.node:
             node.name = node.name or node.output[0]
-        inputs = {i.name for i in g.input}
+        produced = {o for node in g.node for o in node.output} | {t.name for t in g.initializer}
+        read = {i for node in g.node for i in node.input}
+        inputs = {i.name for i in g.input} | (read - produced)
         keep = [i for i in g.input if i.name not in left]
         del g.input[:]
         g.input.extend(keep)
@@ -102,11 +105,15 @@ def assert_same_outputs(ref: Model, cand: Model, feeds: dict | None = None, *, s
     return b
 
 
-def cosine(ref: Model, cand: Model, feeds: dict | list[dict]) -> float:
+def cosine(ref: Model, cand: Model, feeds: dict | list[dict], *, each_feed: bool = False) -> float:
     """How close ``cand``'s outputs are to ``ref``'s on onnxruntime: the cosine similarity of
     each float output, its values over all the feeds taken as one vector (float64), and the
-    lowest of those over the outputs. Two all-zero outputs count as 1, one as 0."""
+    lowest of those over the outputs. Two all-zero outputs count as 1, one as 0.
+    ``each_feed``: the lowest over the feeds too (each feed's outputs their own vectors),
+    for bounds that every single input must meet."""
     feeds_list = [feeds] if isinstance(feeds, dict) else list(feeds)
+    if each_feed:
+        return min(cosine(ref, cand, f) for f in feeds_list)
     a_sess, b_sess = make_session(ref), make_session(cand)
     names = [o.name for o in a_sess.get_outputs()]
     sums: dict[str, np.ndarray] = {}  # output -> (a.b, a.a, b.b)
