@@ -1,0 +1,463 @@
+"""``search``: from a model, calibration data, an objective and a fidelity floor to the best
+compressed model, its Pareto front, and the pipeline that reproduces it.
+
+The phases, each a batch of jobs for the executor (in-process or Ray), every result
+cached on disk by content:
+
+1. the ``default`` clean-up; the layers each family may change;
+2. reference points (the presets, each family applied whole) and per-layer sensitivity
+   probes (one transform on one layer);
+3. allocation: candidates along the trade-off, each built as a real model and measured;
+4. refinement: bisection of the quantization ladders between the last candidate that met
+   the floor and the first that did not, and the combinations of what met it;
+5. the choice — the best objective among the candidates meeting the floor — validated
+   once more on feeds the search never used, then written.
+
+A time budget cuts the search at a phase's boundary or in the middle of one: the best
+candidate found so far is validated and written, and the report says the search was cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data import open_calibration
+from ..errors import UsageError, ValidationFailed
+from ..framework import PassContext, Progress
+from ..manager import PassManager
+from ..model import Model
+from ..report import write_json
+from ..validate import DEFAULT_MIN_COSINE
+from .allocate import dc_candidates, dc_options, quant_ladder
+from .cache import ResultCache, data_digest, default_cache_dir, digest
+from .data_split import split_data
+from .executors import make_executor
+from .jobs import config_job, preset_jobs, probe_error, probe_jobs
+from .metric import load_metric
+from .pareto import meets_floor, objective_value, pareto_front, ranked
+from .space import Config, Layers, discover, int4_cleanup, parse_space, pipeline
+from .summary import limiting_layers, search_report
+from .tasks import Shared, cosines, run_job, run_outputs
+
+__all__ = ["search", "SearchResult", "DEFAULT_TIME_BUDGET"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_BUDGET = 600.0
+#: Bisection rounds of each quantization ladder after the allocation's candidates.
+REFINE_ROUNDS = 3
+#: Candidates tried in turn when the chosen one fails the final validation.
+FINAL_TRIES = 3
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the chosen model (None when nothing met the floor and it was
+    not forced), the pipeline and command that reproduce it, and the report."""
+
+    model: Model | None
+    pipeline: str | None
+    command: str | None
+    report: dict
+    met: bool
+    cut: bool
+    output: str | None = None
+    trials: list[dict] = field(default_factory=list)
+
+
+def search(model, output=None, *, calibration, feeds=None, objective: str = "latency",
+           min_cosine: float = DEFAULT_MIN_COSINE, metric=None, min_metric: float | None = None,
+           time_budget: float | None = DEFAULT_TIME_BUDGET, space=None, workers: int | None = None,
+           address: str | None = None, backend: str = "auto", report: str | os.PathLike | None = None,
+           seed: int = 0, force: bool = False, cache_dir: str | os.PathLike | None | bool = True,
+           probe_samples: int = 4, progress: Progress | None = None, job_fn=None) -> SearchResult:
+    """Search for the best compressed model on ``objective`` (``latency`` or ``size``)
+    whose worst output keeps a cosine of at least ``min_cosine`` to the original's on
+    held-out samples (and ``metric`` >= ``min_metric`` where given).
+
+    ``model``: a path, bytes, ``ModelProto`` or ``Model`` (never modified).
+    ``calibration``: what ``optimize`` takes (a ``.npz``, a folder, feed dicts); part of
+    it is held out. ``feeds``: the final validation's feeds (default: calibration
+    samples held back). ``space``: families (``int8,int4,fp16,prune,share,channels,
+    finetune``; default: all that can move the objective). ``workers``/``address``/
+    ``backend``: where jobs run (``auto``: a local Ray with this machine's cores when Ray
+    is installed, else in this process). ``cache_dir``: where results are kept (True:
+    the default folder; None/False: no cache). ``job_fn``: the job function (default
+    :func:`~onnxopt.autocompress.tasks.run_job`).
+
+    Writes ``output`` (and ``report``, JSON) when given. Raises :class:`ValidationFailed`
+    (exit code 1) when no candidate meets the floor — with ``force`` the candidate
+    closest to it is written first — and :class:`UsageError` for bad arguments.
+    """
+    run = _Search(model, output, calibration=calibration, feeds=feeds, objective=objective,
+                  min_cosine=min_cosine, metric=metric, min_metric=min_metric, time_budget=time_budget,
+                  space=space, workers=workers, address=address, backend=backend, report=report, seed=seed,
+                  force=force, cache_dir=cache_dir, probe_samples=probe_samples,
+                  progress=progress or Progress(), job_fn=job_fn or run_job)
+    return run.run()
+
+
+class _Search:
+    def __init__(self, model, output, *, calibration, feeds, objective, min_cosine, metric, min_metric,
+                 time_budget, space, workers, address, backend, report, seed, force, cache_dir,
+                 probe_samples, progress, job_fn):
+        self.started = time.monotonic()
+        self.families, self.notes = parse_space(space, objective)
+        if not 0.0 < min_cosine <= 1.0:
+            raise UsageError(f"--min-cosine must be in (0, 1]; got {min_cosine}")
+        if time_budget is not None and time_budget <= 0:
+            raise UsageError(f"--time-budget must be positive; got {time_budget}")
+        self.objective, self.min_cosine, self.min_metric = objective, min_cosine, min_metric
+        self.metric = load_metric(metric)
+        if min_metric is not None and self.metric is None:
+            raise UsageError("--min-metric needs --metric")
+        self.deadline = None if time_budget is None else self.started + float(time_budget)
+        self.time_budget = time_budget
+        self.output, self.report_path, self.seed, self.force = output, report, seed, force
+        self.progress, self.job_fn = progress, job_fn
+        self.executor_args = (backend, workers, address)
+        self.original = model.copy() if isinstance(model, Model) else Model.load(model)
+        self.source = str(model) if isinstance(model, (str, os.PathLike)) else None
+        if output is not None:
+            self.original.check_output_path(output)
+        _check_report_path(report)
+        self.split = split_data(self.original, calibration, feeds, seed=seed, probe_samples=probe_samples)
+        self.cache = ResultCache(None if cache_dir in (None, False) else
+                                 default_cache_dir() if cache_dir is True else cache_dir)
+        self.trials: list[dict] = []
+        self.probes: list[dict] = []
+        self.cut = False
+        self.jobs_run = 0
+
+    # ---- set-up -------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        original_bytes = self.original.to_bytes()
+        with self.progress.task("clean-up (default) and layer discovery"):
+            clean = self.original.copy()
+            PassManager("default").run(clean)
+            models = {"original": original_bytes, "clean": clean.to_bytes()}
+            int4_clean = None
+            if "int4" in self.families:
+                int4_clean = self.original.copy()
+                PassManager(int4_cleanup()).run(int4_clean)
+                models["clean_int4"] = int4_clean.to_bytes()
+            self.layers: Layers = discover(clean, self.families, self.split.probe[0], int4_clean)
+        self.clean_bytes = len(models["clean"])
+        probe_ref = run_outputs(original_bytes, self.split.probe)
+        hold_ref = run_outputs(original_bytes, self.split.holdout)
+        self.hold_ref = hold_ref
+        if self.metric is not None:
+            self.metric_reference = self.metric(hold_ref, hold_ref, self.split.holdout)
+        self.shared = Shared(models=models, calibration=self.split.calibration, probe=self.split.probe,
+                             probe_reference=probe_ref, holdout=self.split.holdout, holdout_reference=hold_ref,
+                             latency_feed=self.split.holdout[0], seed=self.seed)
+        self.base_key = digest("onnxopt-search", __version__, original_bytes,
+                               data_digest([self.split.calibration, self.split.holdout]), self.seed,
+                               self.shared.latency_seconds)
+
+    def _key(self, job: dict) -> str:
+        return digest(self.base_key, job["kind"], job["pipeline"], job.get("start"),
+                      self.metric.spec if self.metric is not None and job["kind"] == "trial" else None)
+
+    # ---- running jobs ---------------------------------------------------------------
+
+    def _run(self, jobs: list[dict], what: str) -> list[tuple[dict, dict]]:
+        """Run ``jobs`` (cache first), returning (job, result) pairs; marks the search cut
+        when the deadline stops it."""
+        seen = {t["pipeline"] for t in self.trials}
+        jobs = [j for j in jobs if j["kind"] == "probe" or j["pipeline"] not in seen]
+        jobs = list({(j["kind"], j["pipeline"], j.get("start")): j for j in jobs}.values())
+        done: list[tuple[dict, dict]] = []
+        todo = []
+        for job in jobs:
+            cached = self.cache.get(self._key(job))
+            if cached is not None:
+                done.append((job, {**cached, "cached": True}))
+            else:
+                todo.append(job)
+        if todo and not self.cut:
+            with self.progress.task(what, len(jobs)) as advance:
+                advance(len(done))
+                for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, self.deadline):
+                    self.jobs_run += 1
+                    outputs = result.pop("outputs", None)
+                    if outputs is not None and self.metric is not None:
+                        feeds = self.split.holdout
+                        result["metric"] = self.metric(self.hold_ref, outputs, feeds)
+                    if not result.get("error", "").startswith("task failed"):
+                        self.cache.put(self._key(job), result)
+                    done.append((job, {**result, "cached": False}))
+                    advance(1)
+        if len(done) < len(jobs):
+            self.cut = True
+        for job, result in done:
+            self._record(job, result)
+        return done
+
+    def _record(self, job: dict, result: dict) -> None:
+        if job["kind"] == "probe":
+            self.probes.append({"family": job["family"], "layer": job["layer"], "option": job["option"],
+                                "error": probe_error(result), "bytes": result.get("bytes"),
+                                "seconds": result.get("seconds"), "cached": result.get("cached", False),
+                                "failure": result.get("error")})
+            return
+        trial = {"id": f"{'p' if job['type'] == 'preset' else 't'}{len(self.trials) + 1}",
+                 "pipeline": job["pipeline"], "kind": job["type"], "preset": job.get("preset"),
+                 "label": job.get("label") or job.get("preset") or "",
+                 "bytes": result.get("bytes"), "latency_ratio": result.get("latency_ratio"),
+                 "latency_ms": result.get("latency_ms"), "cosine": result.get("cosine"),
+                 "cosines": result.get("cosines"), "metric": result.get("metric"),
+                 "predicted_error": job.get("predicted_error"), "sha": result.get("sha"),
+                 "modified": result.get("modified"), "error": result.get("error"),
+                 "seconds": result.get("seconds"), "cached": result.get("cached", False),
+                 "config": job.get("config")}
+        if job.get("preset") == "default":
+            trial["label"] = "default (clean-up only: reference)"
+        trial["meets_floor"] = meets_floor(trial, self.min_cosine, self.min_metric)
+        self.trials.append(trial)
+
+    def _remaining(self) -> bool:
+        return not self.cut and (self.deadline is None or time.monotonic() < self.deadline)
+
+    # ---- the phases ---------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        self.executor = make_executor(*self.executor_args)
+        try:
+            self._prepare()
+            self.handle = self.executor.share(self.shared)
+            whole = [config_job(Config(b, label=f"{b} (whole model)")) for b in ("int8", "int4", "fp16")
+                     if b in self.families]
+            self._run(preset_jobs() + whole, "reference points")
+            if self._remaining():
+                self._run(probe_jobs(self.families, self.layers), "sensitivity probes")
+            if self._remaining():
+                self._run(self._allocate(), "candidates")
+            for _ in range(REFINE_ROUNDS):
+                if not self._remaining():
+                    break
+                jobs = self._refine()
+                if not jobs:
+                    break
+                self._run(jobs, "refinement")
+            return self._finish()
+        finally:
+            self.executor.close()
+
+    def _ladder(self, family: str):
+        errors = {p["layer"]: p["error"] for p in self.probes if p["family"] == family}
+        layers = self.layers.compute if family == "int8" else self.layers.int4
+        return quant_ladder(layers, errors, self.objective)
+
+    def _allocate(self) -> list[dict]:
+        allowance = 1.0 - self.min_cosine or 1e-4
+        jobs = []
+        for family in ("int8", "int4"):
+            if family not in self.families:
+                continue
+            ladder = self._ladder(family)
+            for k in ladder.prefixes(allowance):
+                cfg = Config(family, float_layers=ladder.float_layers(k),
+                             label=f"{family}, {len(ladder.order) - k} of {len(ladder.order)} layers float")
+                jobs.append(config_job(cfg, predicted=ladder.predicted(k)))
+        if {"prune", "share"} & set(self.families):
+            jobs += self._dc_jobs(allowance)
+        if "channels" in self.families:
+            jobs += self._channel_jobs(allowance)
+        return jobs
+
+    def _dc_jobs(self, allowance: float) -> list[dict]:
+        probes: dict[str, dict] = {}
+        for p in self.probes:
+            if p["family"] in ("prune", "share"):
+                value = None if p["error"] is None else (p["error"], p["bytes"])
+                probes.setdefault(p["layer"], {})[(p["family"], p["option"])] = value
+        options = {}
+        for w in self.layers.weights:
+            opts = dc_options(w, probes.get(w.name, {}), self.clean_bytes)
+            if "prune" not in self.families:
+                opts = [o for o in opts if o.sparsity == 0]
+            if "share" not in self.families:
+                opts = [o for o in opts if o.bits == 0]
+            if len(opts) > 1:
+                options[w.name] = opts
+        jobs = []
+        for choice, err, saved in dc_candidates(options, allowance):
+            cfg = Config("dc", prune=tuple(sorted((n, o.sparsity) for n, o in choice.items() if o.sparsity)),
+                         share=tuple(sorted((n, o.bits) for n, o in choice.items() if o.bits)),
+                         label=f"prune+share, predicted {saved / 1024:.0f} KiB saved")
+            jobs.append(config_job(cfg, predicted=err))
+        return jobs
+
+    def _channel_jobs(self, allowance: float) -> list[dict]:
+        from .allocate import channel_candidates
+
+        errors = {int(p["layer"]): p["error"] for p in self.probes if p["family"] == "channels"}
+        jobs = []
+        for ratio, exclude, predicted in channel_candidates(self.layers.groups, errors, allowance):
+            cfg = Config("fp32", channels=ratio, channel_exclude=exclude,
+                         label=f"channels {ratio:g}, {len(exclude)} layers' groups kept")
+            jobs.append(config_job(cfg, predicted=predicted))
+        return jobs
+
+    def _refine(self) -> list[dict]:
+        jobs = []
+        for family in ("int8", "int4"):
+            if family in self.families:
+                jobs += self._bisect(family)
+        jobs += self._combinations()
+        return jobs
+
+    def _bisect(self, family: str) -> list[dict]:
+        ladder = self._ladder(family)
+        n = len(ladder.order)
+        measured: dict[int, bool] = {}
+        for t in self.trials:
+            cfg = t.get("config")
+            if cfg is not None and cfg.branch == family and not cfg.channels and not cfg.fp16:
+                k = n - len(cfg.float_layers)
+                if ladder.float_layers(k) == tuple(sorted(cfg.float_layers)):
+                    measured[k] = t["meets_floor"]
+        ok = max([k for k, met in measured.items() if met] + [0])
+        above = [k for k, met in measured.items() if not met and k > ok]
+        if not above:
+            return []
+        fail = min(above)
+        if fail - ok <= 1:
+            return []
+        points = max(1, min(self.executor.workers, fail - ok - 1))
+        ks = sorted({ok + round((fail - ok) * (i + 1) / (points + 1)) for i in range(points)} - {ok, fail})
+        return [config_job(Config(family, float_layers=ladder.float_layers(k),
+                                  label=f"{family}, {n - k} of {n} layers float"), predicted=ladder.predicted(k))
+                for k in ks]
+
+    def _combinations(self) -> list[dict]:
+        """What met the floor, combined: Deep Compression then fp16 (size), channels then
+        the best int8 choice."""
+        jobs = []
+        fp16_ok = any(t["meets_floor"] for t in self.trials if (t.get("config") or Config("")).branch == "fp16")
+        best = {}
+        for i in ranked(self.trials, self.objective, self.min_cosine, self.min_metric,
+                        eligible=lambda t: t.get("config") is not None):
+            cfg = self.trials[i]["config"]
+            key = ("channels" if cfg.channels else cfg.branch) + ("+fp16" if cfg.fp16 else "")
+            best.setdefault(key, cfg)
+        if fp16_ok and self.objective == "size" and "dc" in best:
+            jobs.append(config_job(replace(best["dc"], fp16=True, label=best["dc"].label + " + fp16")))
+        if "channels" in best and "int8" in best:
+            ch = best["channels"]
+            jobs.append(config_job(Config("int8", float_layers=best["int8"].float_layers, channels=ch.channels,
+                                          channel_exclude=ch.channel_exclude,
+                                          label=f"{ch.label} + {best['int8'].label}")))
+        return jobs
+
+    # ---- the choice -----------------------------------------------------------------
+
+    def _final_check(self, trial: dict) -> dict:
+        """Rebuild ``trial``'s pipeline from the original and measure it on the final feeds."""
+        model = self.original.copy()
+        calibration = open_calibration(list(self.split.calibration), self.original)
+        PassManager(trial["pipeline"]).run(model, PassContext(reference=self.original, calibration=calibration,
+                                                              seed=self.seed))
+        data = model.to_bytes()
+        reference = run_outputs(self.shared.models["original"], self.split.final)
+        got = run_outputs(data, self.split.final)
+        per_output = cosines(reference, got)
+        final = {"trial": trial["id"], "cosines": per_output, "cosine": min(per_output.values()),
+                 "samples": len(self.split.final), "source": self.split.final_source,
+                 "reproduced": hashlib.blake2b(data, digest_size=16).hexdigest() == trial.get("sha")}
+        if self.metric is not None:
+            final["metric"] = self.metric(reference, got, self.split.final)
+        final["meets_floor"] = meets_floor(final, self.min_cosine, self.min_metric)
+        return {"model": model, **final}
+
+    def _finish(self) -> SearchResult:
+        def candidates(t: dict) -> bool:  # the clean-up alone is a reference point, not an answer
+            return bool(t.get("modified")) and t.get("preset") != "default"
+
+        order = ranked(self.trials, self.objective, self.min_cosine, self.min_metric, eligible=candidates)
+        finals = []
+        chosen = None
+        with self.progress.task("final validation on unseen feeds"):
+            for i in order[:FINAL_TRIES]:
+                check = self._final_check(self.trials[i])
+                finals.append({k: v for k, v in check.items() if k != "model"})
+                if check["meets_floor"]:
+                    chosen = (i, check)
+                    break
+        front = pareto_front(self.trials, self.objective, with_metric=self.metric is not None)
+        for j, t in enumerate(self.trials):
+            t["pareto"] = j in front
+            t["chosen"] = chosen is not None and j == chosen[0]
+        met = chosen is not None
+        best_effort = None
+        if not met:
+            eligible = [i for i, t in enumerate(self.trials) if candidates(t) and t.get("cosine") is not None
+                        and not t.get("error")]
+            if eligible:
+                best_effort = max(eligible, key=lambda i: (self.trials[i]["cosine"],
+                                                           -(objective_value(self.trials[i], self.objective) or 0)))
+        report = search_report(self, chosen, finals, best_effort)
+        model = chosen[1]["model"] if chosen else None
+        pipe = self.trials[chosen[0]]["pipeline"] if chosen else None
+        if not met and self.force and best_effort is not None:
+            model = self._final_check(self.trials[best_effort])["model"]
+            pipe = self.trials[best_effort]["pipeline"]
+        command = _command(self.source, self.output, pipe) if pipe else None
+        report["search"]["command"] = command
+        written = None
+        if model is not None and self.output is not None:
+            model.save(self.output)
+            written = str(self.output)
+        report["output"] = written
+        if self.report_path is not None:
+            write_json(json.dumps(report, indent=2, default=_plain), self.report_path)
+        result = SearchResult(model, pipe, command, report, met, self.cut, written, self.trials)
+        if not met:
+            raise ValidationFailed(_floor_message(self, best_effort, written), model=model, report=report)
+        return result
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Config):
+        return pipeline(value)
+    return str(value)
+
+
+def _command(source: str | None, output, pipe: str) -> str:
+    model = shlex.quote(source) if source else "MODEL.onnx"
+    out = shlex.quote(str(output)) if output else "OUT.onnx"
+    return f"onnxopt optimize {model} -o {out} -p {shlex.quote(pipe)} --calib DATA"
+
+
+def _check_report_path(path) -> None:
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UsageError(f"--report {path}: folder {folder} does not exist")
+
+
+def _floor_message(run: _Search, best: int | None, written: str | None) -> str:
+    floor = f"min cosine {run.min_cosine}" + (f", min metric {run.min_metric}" if run.min_metric is not None else "")
+    if best is None:
+        return f"no candidate meets the floor ({floor}): none could be built and measured"
+    t = run.trials[best]
+    got = f"cosine {t['cosine']:.5f}" + (f", metric {t['metric']:.4f}" if t.get("metric") is not None else "")
+    limits = limiting_layers(run.probes)
+    named = "; limited by " + ", ".join(limits) if limits else ""
+    tail = f"; wrote the closest ({t['id']}) to {written}" if written else "; --force writes the closest"
+    return f"no candidate meets the floor ({floor}): the closest, {t['id']} '{t['label']}', reaches {got}{named}{tail}"
