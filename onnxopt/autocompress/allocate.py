@@ -20,7 +20,6 @@ the largest gain within each budget:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ __all__ = [
     "dc_options",
     "dc_candidates",
     "channel_candidates",
+    "pruned_groups",
     "PRUNE_PROBES",
     "SHARE_PROBE_BITS",
     "CHANNEL_PROBE_RATIO",
@@ -228,7 +228,7 @@ def channel_candidates(groups: Sequence[ChannelGroup], errors: Mapping[int, floa
             actual = pruned_groups(groups, set(exclude))
             if not actual:
                 continue
-            key = (ratio, tuple(exclude))
+            key = (ratio, frozenset(g.id for g in actual))  # two exclusions may prune the same groups
             if key in seen:
                 continue
             seen.add(key)
@@ -236,6 +236,3 @@ def channel_candidates(groups: Sequence[ChannelGroup], errors: Mapping[int, floa
             found.append((ratio, tuple(exclude), predicted))
     return found
 
-
-def log_ratio(a: float, b: float) -> float:
-    return math.log(max(a, 1e-12) / max(b, 1e-12))

@@ -19,35 +19,28 @@ candidate found so far is validated and written, and the report says the search 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shlex
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from .. import __version__
-from ..data import open_calibration
-from ..errors import UsageError, ValidationFailed
-from ..framework import PassContext, Progress
+from ..errors import UsageError
+from ..framework import Progress
 from ..manager import PassManager
 from ..model import Model
-from ..report import write_json
 from ..validate import DEFAULT_MIN_COSINE
 from .allocate import dc_candidates, dc_options, quant_ladder
 from .cache import ResultCache, data_digest, default_cache_dir, digest
+from .choose import SearchResult, finish
 from .data_split import split_data
 from .executors import make_executor
 from .jobs import config_job, preset_jobs, probe_error, probe_jobs
 from .metric import load_metric
-from .pareto import meets_floor, objective_value, pareto_front, ranked
-from .space import Config, Layers, discover, int4_cleanup, parse_space, pipeline
-from .summary import limiting_layers, search_report
-from .tasks import Shared, cosines, run_job, run_outputs
+from .pareto import meets_floor, ranked
+from .space import Config, Layers, discover, int4_cleanup, parse_space
+from .tasks import Shared, run_job, run_outputs
 
 __all__ = ["search", "SearchResult", "DEFAULT_TIME_BUDGET"]
 
@@ -58,21 +51,6 @@ DEFAULT_TIME_BUDGET = 600.0
 REFINE_ROUNDS = 3
 #: Candidates tried in turn when the chosen one fails the final validation.
 FINAL_TRIES = 3
-
-
-@dataclass
-class SearchResult:
-    """What a search found: the chosen model (None when nothing met the floor and it was
-    not forced), the pipeline and command that reproduce it, and the report."""
-
-    model: Model | None
-    pipeline: str | None
-    command: str | None
-    report: dict
-    met: bool
-    cut: bool
-    output: str | None = None
-    trials: list[dict] = field(default_factory=list)
 
 
 def search(model, output=None, *, calibration, feeds=None, objective: str = "latency",
@@ -131,7 +109,7 @@ class _Search:
         if output is not None:
             self.original.check_output_path(output)
         _check_report_path(report)
-        self.split = split_data(self.original, calibration, feeds, seed=seed, probe_samples=probe_samples)
+        self.data_args = (calibration, feeds, probe_samples)
         self.cache = ResultCache(None if cache_dir in (None, False) else
                                  default_cache_dir() if cache_dir is True else cache_dir)
         self.trials: list[dict] = []
@@ -142,6 +120,8 @@ class _Search:
     # ---- set-up -------------------------------------------------------------------
 
     def _prepare(self) -> None:
+        calibration, feeds, probe_samples = self.data_args
+        self.split = split_data(self.original, calibration, feeds, seed=self.seed, probe_samples=probe_samples)
         original_bytes = self.original.to_bytes()
         with self.progress.task("clean-up (default) and layer discovery"):
             clean = self.original.copy()
@@ -221,7 +201,7 @@ class _Search:
                  "predicted_error": job.get("predicted_error"), "sha": result.get("sha"),
                  "modified": result.get("modified"), "error": result.get("error"),
                  "seconds": result.get("seconds"), "cached": result.get("cached", False),
-                 "config": job.get("config")}
+                 "config": job.get("config"), "changed_layers": result.get("changed_layers")}
         if job.get("preset") == "default":
             trial["label"] = "default (clean-up only: reference)"
         trial["meets_floor"] = meets_floor(trial, self.min_cosine, self.min_metric)
@@ -237,11 +217,16 @@ class _Search:
         try:
             self._prepare()
             self.handle = self.executor.share(self.shared)
-            whole = [config_job(Config(b, label=f"{b} (whole model)")) for b in ("int8", "int4", "fp16")
-                     if b in self.families]
-            self._run(preset_jobs() + whole, "reference points")
-            if self._remaining():
-                self._run(probe_jobs(self.families, self.layers), "sensitivity probes")
+            watch = {"int8": [x.name for x in self.layers.compute], "int4": [x.name for x in self.layers.int4]}
+            whole = [config_job(Config(b, label=f"{b} (whole model)"), watch=watch.get(b, ()))
+                     for b in ("int8", "int4", "fp16") if b in self.families]
+            independent = [f for f in self.families if f in ("prune", "share", "channels")]
+            self._run(whole + preset_jobs() + probe_jobs(independent, self.layers),
+                      "reference points and probes")
+            quantizing = [f for f in self.families if f in ("int8", "int4")]
+            if quantizing and self._remaining():
+                only = {f: self._whole(f).get("changed") for f in quantizing}
+                self._run(probe_jobs(quantizing, self.layers, only), "quantization probes")
             if self._remaining():
                 self._run(self._allocate(), "candidates")
             for _ in range(REFINE_ROUNDS):
@@ -255,8 +240,27 @@ class _Search:
         finally:
             self.executor.close()
 
+    def _whole(self, family: str) -> dict:
+        """The family applied to the whole model: the layers it changed (None: unknown)
+        and its measured error."""
+        for t in self.trials:
+            cfg = t.get("config")
+            if cfg is not None and cfg.branch == family and not cfg.float_layers and not cfg.channels \
+                    and not cfg.fp16 and not t.get("error"):
+                changed = t.get("changed_layers")
+                return {"changed": set(changed) if changed is not None else None,
+                        "error": None if t.get("cosine") is None else 1.0 - t["cosine"]}
+        return {"changed": None, "error": None}
+
     def _ladder(self, family: str):
+        """The family's quantization ladder, its probe errors scaled so that quantizing
+        every layer predicts the error the whole-model trial measured (layers interact:
+        the sum of errors alone underestimates it)."""
         errors = {p["layer"]: p["error"] for p in self.probes if p["family"] == family}
+        measured = self._whole(family)["error"]
+        total = sum(e for e in errors.values() if e is not None)
+        if measured is not None and total > 0:
+            errors = {k: None if e is None else e * measured / total for k, e in errors.items()}
         layers = self.layers.compute if family == "int8" else self.layers.int4
         return quant_ladder(layers, errors, self.objective)
 
@@ -362,85 +366,8 @@ class _Search:
                                           label=f"{ch.label} + {best['int8'].label}")))
         return jobs
 
-    # ---- the choice -----------------------------------------------------------------
-
-    def _final_check(self, trial: dict) -> dict:
-        """Rebuild ``trial``'s pipeline from the original and measure it on the final feeds."""
-        model = self.original.copy()
-        calibration = open_calibration(list(self.split.calibration), self.original)
-        PassManager(trial["pipeline"]).run(model, PassContext(reference=self.original, calibration=calibration,
-                                                              seed=self.seed))
-        data = model.to_bytes()
-        reference = run_outputs(self.shared.models["original"], self.split.final)
-        got = run_outputs(data, self.split.final)
-        per_output = cosines(reference, got)
-        final = {"trial": trial["id"], "cosines": per_output, "cosine": min(per_output.values()),
-                 "samples": len(self.split.final), "source": self.split.final_source,
-                 "reproduced": hashlib.blake2b(data, digest_size=16).hexdigest() == trial.get("sha")}
-        if self.metric is not None:
-            final["metric"] = self.metric(reference, got, self.split.final)
-        final["meets_floor"] = meets_floor(final, self.min_cosine, self.min_metric)
-        return {"model": model, **final}
-
     def _finish(self) -> SearchResult:
-        def candidates(t: dict) -> bool:  # the clean-up alone is a reference point, not an answer
-            return bool(t.get("modified")) and t.get("preset") != "default"
-
-        order = ranked(self.trials, self.objective, self.min_cosine, self.min_metric, eligible=candidates)
-        finals = []
-        chosen = None
-        with self.progress.task("final validation on unseen feeds"):
-            for i in order[:FINAL_TRIES]:
-                check = self._final_check(self.trials[i])
-                finals.append({k: v for k, v in check.items() if k != "model"})
-                if check["meets_floor"]:
-                    chosen = (i, check)
-                    break
-        front = pareto_front(self.trials, self.objective, with_metric=self.metric is not None)
-        for j, t in enumerate(self.trials):
-            t["pareto"] = j in front
-            t["chosen"] = chosen is not None and j == chosen[0]
-        met = chosen is not None
-        best_effort = None
-        if not met:
-            eligible = [i for i, t in enumerate(self.trials) if candidates(t) and t.get("cosine") is not None
-                        and not t.get("error")]
-            if eligible:
-                best_effort = max(eligible, key=lambda i: (self.trials[i]["cosine"],
-                                                           -(objective_value(self.trials[i], self.objective) or 0)))
-        report = search_report(self, chosen, finals, best_effort)
-        model = chosen[1]["model"] if chosen else None
-        pipe = self.trials[chosen[0]]["pipeline"] if chosen else None
-        if not met and self.force and best_effort is not None:
-            model = self._final_check(self.trials[best_effort])["model"]
-            pipe = self.trials[best_effort]["pipeline"]
-        command = _command(self.source, self.output, pipe) if pipe else None
-        report["search"]["command"] = command
-        written = None
-        if model is not None and self.output is not None:
-            model.save(self.output)
-            written = str(self.output)
-        report["output"] = written
-        if self.report_path is not None:
-            write_json(json.dumps(report, indent=2, default=_plain), self.report_path)
-        result = SearchResult(model, pipe, command, report, met, self.cut, written, self.trials)
-        if not met:
-            raise ValidationFailed(_floor_message(self, best_effort, written), model=model, report=report)
-        return result
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Config):
-        return pipeline(value)
-    return str(value)
-
-
-def _command(source: str | None, output, pipe: str) -> str:
-    model = shlex.quote(source) if source else "MODEL.onnx"
-    out = shlex.quote(str(output)) if output else "OUT.onnx"
-    return f"onnxopt optimize {model} -o {out} -p {shlex.quote(pipe)} --calib DATA"
+        return finish(self)
 
 
 def _check_report_path(path) -> None:
@@ -449,15 +376,3 @@ def _check_report_path(path) -> None:
     folder = Path(path).parent
     if not folder.is_dir():
         raise UsageError(f"--report {path}: folder {folder} does not exist")
-
-
-def _floor_message(run: _Search, best: int | None, written: str | None) -> str:
-    floor = f"min cosine {run.min_cosine}" + (f", min metric {run.min_metric}" if run.min_metric is not None else "")
-    if best is None:
-        return f"no candidate meets the floor ({floor}): none could be built and measured"
-    t = run.trials[best]
-    got = f"cosine {t['cosine']:.5f}" + (f", metric {t['metric']:.4f}" if t.get("metric") is not None else "")
-    limits = limiting_layers(run.probes)
-    named = "; limited by " + ", ".join(limits) if limits else ""
-    tail = f"; wrote the closest ({t['id']}) to {written}" if written else "; --force writes the closest"
-    return f"no candidate meets the floor ({floor}): the closest, {t['id']} '{t['label']}', reaches {got}{named}{tail}"

@@ -4,7 +4,7 @@ candidates, and the candidates themselves — each a pipeline string and where i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..framework import presets, registered_passes
 from .allocate import CHANNEL_PROBE_RATIO, PRUNE_PROBES, SHARE_PROBE_BITS
@@ -31,10 +31,16 @@ def _others(names: Sequence[str], keep: str) -> str:
     return option_value([n for n in names if n != keep])
 
 
-def probe_jobs(families: Sequence[str], layers: Layers) -> list[dict]:
+def probe_jobs(families: Sequence[str], layers: Layers, only: Mapping[str, set[str] | None] | None = None
+               ) -> list[dict]:
     """One job per (family, layer, option): the transform on that layer alone, on the
-    cleaned model."""
+    cleaned model. ``only`` limits a family's probes to the layers named (those the
+    family changed when applied to the whole model)."""
     jobs: list[dict] = []
+    only = only or {}
+
+    def wanted(family: str, name: str) -> bool:
+        return only.get(family) is None or name in only[family]
 
     def add(family: str, layer, option, text: str, start: str = "clean") -> None:
         jobs.append({"kind": "probe", "family": family, "layer": layer, "option": option,
@@ -43,12 +49,16 @@ def probe_jobs(families: Sequence[str], layers: Layers) -> list[dict]:
     names = [layer.name for layer in layers.compute]
     if "int8" in families:
         for layer in layers.compute:
+            if not wanted("int8", layer.name):
+                continue
             add("int8", layer.name, None,
                 f"quantize(mode=static,method=percentile,calib_samples={PROBE_CALIBRATION},"
                 f"check_fusion=false,exclude={_others(names, layer.name)})")
     if "int4" in families:
         int4_names = [layer.name for layer in layers.int4]
         for layer in layers.int4:
+            if not wanted("int4", layer.name):
+                continue
             add("int4", layer.name, None, f"quantize(mode=weight-only,bits=4,exclude={_others(int4_names, layer.name)})",
                 start="clean_int4")
     if "prune" in families:
@@ -76,6 +86,7 @@ def preset_jobs() -> list[dict]:
             for name in PRESETS if name in have]
 
 
-def config_job(config: Config, *, predicted: float | None = None) -> dict:
+def config_job(config: Config, *, predicted: float | None = None, watch: Sequence[str] = ()) -> dict:
+    """A candidate; ``watch`` names layers whose change the trial reports (``changed_layers``)."""
     return {"kind": "trial", "type": "trial", "preset": None, "pipeline": pipeline(config), "start": "original",
-            "config": config, "label": config.label, "predicted_error": predicted}
+            "config": config, "label": config.label, "predicted_error": predicted, "watch": list(watch)}

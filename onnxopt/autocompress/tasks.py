@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Shared", "run_job", "cosines", "run_outputs"]
+__all__ = ["Shared", "run_job", "cosines", "run_outputs", "changed_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,19 @@ def cosines(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[M
     return out
 
 
-def _build(job: dict, shared: Shared) -> tuple[bytes, list[dict]]:
+def changed_layers(model, names: Sequence[str]) -> list[str]:
+    """Which of the layers ``names`` a quantizing pipeline changed: gone from the graph
+    (rewritten into another op) or reading a DequantizeLinear output."""
+    nodes = {n.name: n for n in model.graph.nodes}
+    changed = []
+    for name in names:
+        node = nodes.get(name)
+        if node is None or any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs):
+            changed.append(name)
+    return changed
+
+
+def _build(job: dict, shared: Shared):
     from ..data import open_calibration
     from ..framework import PassContext
     from ..manager import PassManager
@@ -113,7 +125,7 @@ def _build(job: dict, shared: Shared) -> tuple[bytes, list[dict]]:
     result = PassManager(job["pipeline"]).run(model, ctx)
     records = [{"name": r.name, "modified": r.modified, "stats": _small(r.stats)} for r in result.records
                if not r.exact]
-    return model.to_bytes(), records
+    return model, records
 
 
 def _small(stats: dict) -> dict:
@@ -128,7 +140,10 @@ def run_job(job: dict, shared: Shared) -> dict:
     started = time.perf_counter()
     result: dict = {"pipeline": job["pipeline"], "kind": job["kind"]}
     try:
-        data, records = _build(job, shared)
+        model, records = _build(job, shared)
+        if job.get("watch"):
+            result["changed_layers"] = changed_layers(model, job["watch"])
+        data = model.to_bytes()
         result["records"] = records
         result["modified"] = any(r["modified"] for r in records)
         result["bytes"] = len(data)
