@@ -156,7 +156,8 @@ class _Search:
         """Run ``jobs`` (cache first), returning (job, result) pairs; marks the search cut
         when the deadline stops it."""
         seen = {t["pipeline"] for t in self.trials}
-        jobs = [j for j in jobs if j["kind"] == "probe" or j["pipeline"] not in seen]
+        jobs = [{**j, "outputs": self.metric is not None and j["kind"] == "trial"} for j in jobs
+                if j["kind"] == "probe" or j["pipeline"] not in seen]
         jobs = list({(j["kind"], j["pipeline"], j.get("start")): j for j in jobs}.values())
         done: list[tuple[dict, dict]] = []
         todo = []
@@ -297,10 +298,10 @@ class _Search:
             if len(opts) > 1:
                 options[w.name] = opts
         jobs = []
-        for choice, err, saved in dc_candidates(options, allowance):
-            cfg = Config("dc", prune=tuple(sorted((n, o.sparsity) for n, o in choice.items() if o.sparsity)),
-                         share=tuple(sorted((n, o.bits) for n, o in choice.items() if o.bits)),
-                         label=f"prune+share, predicted {saved / 1024:.0f} KiB saved")
+        for choice, err, _saved in dc_candidates(options, allowance):
+            prune = tuple(sorted((n, o.sparsity) for n, o in choice.items() if o.sparsity))
+            share = tuple(sorted((n, o.bits) for n, o in choice.items() if o.bits))
+            cfg = Config("dc", prune=prune, share=share, label=_dc_label(prune, share))
             jobs.append(config_job(cfg, predicted=err))
         return jobs
 
@@ -368,6 +369,17 @@ class _Search:
 
     def _finish(self) -> SearchResult:
         return finish(self)
+
+
+def _dc_label(prune, share) -> str:
+    parts = []
+    if prune:
+        sparsities = sorted({s for _, s in prune})
+        parts.append(f"prune {len(prune)} layers ({'/'.join(f'{s:g}' for s in sparsities)})")
+    if share:
+        bits = sorted({b for _, b in share})
+        parts.append(f"share {len(share)} layers ({'/'.join(map(str, bits))} bits)")
+    return ", ".join(parts)
 
 
 def _check_report_path(path) -> None:
