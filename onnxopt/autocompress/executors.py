@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 
 from ..errors import UsageError
 
-__all__ = ["InProcessExecutor", "RayExecutor", "make_executor", "ray_available", "CONNECT_TIMEOUT"]
+__all__ = ["InProcessExecutor", "RayExecutor", "make_executor", "ray_available", "check_reachable",
+           "CONNECT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """A TCP connection to HOST:PORT (plain or ``ray://``) within the time limit, or a
     clear error."""
     if address == "auto":
@@ -161,7 +162,7 @@ def _check_reachable(address: str) -> None:
 def _connect(address: str) -> None:
     import ray
 
-    _check_reachable(address)
+    check_reachable(address)
     outcome: dict = {}
 
     def init():
