@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .space import ChannelGroup, Layer, WeightLayer
+from .space import PrunableGroup, Layer, WeightLayer
 
 __all__ = [
     "BUDGET_STEPS",
@@ -191,13 +191,13 @@ def _lagrangian_curve(options: Mapping[str, list[DCOption]]) -> list[tuple[dict[
 # --------------------------------------------------------------------------------------
 
 
-def pruned_groups(groups: Sequence[ChannelGroup], exclude: set[str]) -> list[ChannelGroup]:
+def pruned_groups(groups: Sequence[PrunableGroup], exclude: set[str]) -> list[PrunableGroup]:
     """The groups prune-channels still prunes when the layers ``exclude`` are named in its
     ``exclude`` option (a group stays whole when any layer touching it is named)."""
     return [g for g in groups if not exclude.intersection(g.touching)]
 
 
-def channel_candidates(groups: Sequence[ChannelGroup], errors: Mapping[int, float | None], allowance: float,
+def channel_candidates(groups: Sequence[PrunableGroup], errors: Mapping[int, float | None], allowance: float,
                        ) -> list[tuple[float, tuple[str, ...], float]]:
     """(ratio, layers to exclude, predicted error before reconstruction) per ratio and
     budget: the groups with the least error per parameter pruned, the others named by
@@ -213,7 +213,7 @@ def channel_candidates(groups: Sequence[ChannelGroup], errors: Mapping[int, floa
         for step in BUDGET_STEPS:
             # reconstruct recovers most of what pruning loses: the budget before it is wider
             budget = step * allowance * 10.0
-            chosen: list[ChannelGroup] = []
+            chosen: list[PrunableGroup] = []
             total = 0.0
             for g in order:
                 e = max(errors[g.id], 0.0) * scale

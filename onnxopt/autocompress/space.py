@@ -41,7 +41,7 @@ __all__ = [
     "parse_space",
     "Layer",
     "WeightLayer",
-    "ChannelGroup",
+    "PrunableGroup",
     "Layers",
     "discover",
     "Config",
@@ -140,7 +140,7 @@ class WeightLayer:
 
 
 @dataclass(frozen=True)
-class ChannelGroup:
+class PrunableGroup:
     """A prunable channel group: the layers producing its channels (``producers``) and
     every layer touching them (``touching``: producers and readers)."""
 
@@ -158,7 +158,7 @@ class Layers:
     compute: list[Layer] = field(default_factory=list)
     int4: list[Layer] = field(default_factory=list)
     weights: list[WeightLayer] = field(default_factory=list)
-    groups: list[ChannelGroup] = field(default_factory=list)
+    groups: list[PrunableGroup] = field(default_factory=list)
 
     def by_name(self) -> dict[str, Layer]:
         return {layer.name: layer for layer in self.compute + self.int4}
@@ -228,15 +228,15 @@ def _macs(node, shapes: dict[str, tuple]) -> int:
 
 
 def _weight_layers(model: Model) -> list[WeightLayer]:
-    from ..compact import find_weights, select_weights
+    from ..weights.sites import find_weights, select_weights
 
     found, _ = find_weights(model)
     sites, _ = select_weights(found, min_size=MIN_WEIGHT_SIZE)
     return [WeightLayer(s.name, s.size, int(s.value.nbytes)) for s in sites if _nameable(s.name)]
 
 
-def _channel_groups(model: Model) -> list[ChannelGroup]:
-    from ..groups import analyze
+def _channel_groups(model: Model) -> list[PrunableGroup]:
+    from ..channels import analyze
 
     found = analyze(model)
     out = []
@@ -247,7 +247,7 @@ def _channel_groups(model: Model) -> list[ChannelGroup]:
             continue
         params = sum(int(np.prod(m.node.inputs[m.index].shape or (0,))) // max(g.size, 1)
                      for m in g.members if m.role in ("out", "in", "tied"))
-        out.append(ChannelGroup(g.id, g.size, tuple(producers), tuple(touching), params))
+        out.append(PrunableGroup(g.id, g.size, tuple(producers), tuple(touching), params))
     return out
 
 
