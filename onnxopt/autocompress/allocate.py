@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .space import PrunableGroup, Layer, WeightLayer
+from .space import Layer, PrunableGroup, WeightLayer
 
 __all__ = [
     "BUDGET_STEPS",
