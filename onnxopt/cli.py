@@ -110,6 +110,7 @@ def _search_args(ss: argparse.ArgumentParser) -> None:
     ss.add_argument("--backend", choices=("auto", "ray", "local"), default="auto",
                     help="where jobs run: auto (Ray when installed), ray, or local (this process)")
     ss.add_argument("--report", help="write the JSON report here")
+    ss.add_argument("--html", help="write the HTML report here (the Pareto plot; needs the 'report' extra)")
     ss.add_argument("--seed", type=int, default=0, help="seed of the data split and of the passes")
     ss.add_argument("--force", action="store_true", help="write the closest model even if none meets the floor")
     ss.add_argument("--cache-dir", help="where probe and trial results are kept (default: ~/.cache/onnxopt/search)")
@@ -384,9 +385,11 @@ def _cmd_search(args, console) -> int:
     from .autocompress import DEFAULT_TIME_BUDGET, search
     from .autocompress.summary import render_search
     from .errors import ValidationFailed
+    from .html_report import write_html
     from .validate import DEFAULT_MIN_COSINE
 
     _check_report_path(args.report)
+    _check_html(args.html)
     progress = _RichProgress(_stderr_console(args)) if not args.quiet else None
     cache = None if args.no_cache else (args.cache_dir or True)
     try:
@@ -401,7 +404,11 @@ def _cmd_search(args, console) -> int:
     except ValidationFailed as exc:
         if exc.report is not None and not args.quiet:
             render_search(exc.report, console, all_trials=args.all)
+        if exc.report is not None and args.html:
+            write_html(exc.report, args.html)
         raise
+    if args.html:
+        write_html(result.report, args.html)
     if not args.quiet:
         render_search(result.report, console, all_trials=args.all)
         console.print(f"wrote {args.output}" + (" (the time budget cut the search)" if result.cut else ""))

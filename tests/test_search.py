@@ -271,7 +271,18 @@ def test_cli_search_prints_the_front_and_the_command(tmp_path, capsys):
                str(tmp_path / "cache")])
     text = capsys.readouterr().out
     assert rc == 0 and out.exists() and "reproduce with:" in text and "onnxopt optimize" in text
-    assert json.loads(report.read_text())["search"]["chosen"]
+    data = json.loads(report.read_text())
+    assert data["search"]["chosen"] and data["pipeline"] == next(t["pipeline"] for t in data["search"]["trials"]
+                                                                    if t["chosen"])
+
+
+def test_search_report_renders_as_html(tmp_path):
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'report' extra")
+    from onnxopt.html_report import load_report, render_html
+
+    _search(tmp_path, space="int8,fp16", report=tmp_path / "s.json")
+    page = render_html(load_report(tmp_path / "s.json"))
+    assert 'id="search"' in page and "chosen" in page and "<svg" in page
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

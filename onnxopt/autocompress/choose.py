@@ -166,7 +166,7 @@ def finish(run) -> SearchResult:
         if pipe else None
     report["search"]["command"] = command
     report["search"]["calibration_file"] = calib
-    report["output"] = written
+    report["output"]["path"] = written
     if run.report_path is not None:
         write_json(json.dumps(report, indent=2, default=_plain), run.report_path)
     result = SearchResult(model, pipe, command, report, chosen is not None, run.cut, written, run.trials)

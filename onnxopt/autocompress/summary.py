@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from .. import __version__
+from ..report import SCHEMA_VERSION
 
 __all__ = ["search_report", "limiting_layers", "render_search"]
 
@@ -63,8 +64,15 @@ def search_report(run, chosen, finals: list[dict], best_effort: int | None) -> d
     }
     if run.cut:
         block["notes"].append(f"the time budget ({run.time_budget:g} s) ran out: the best found so far was chosen")
-    return {"schema": 1, "onnxopt": __version__, "input": {"path": run.source, "bytes": len(run.shared.models["original"])},
-            "search": block}
+    chosen_trial = run.trials[chosen[0]] if chosen else None
+    # a schema-1 report (what `onnxopt report` and the HTML page read) whose pipeline is the
+    # chosen one; the search itself is the "search" block
+    return {"schema": SCHEMA_VERSION, "onnxopt": __version__,
+            "pipeline": chosen_trial["pipeline"] if chosen_trial else None,
+            "input": {"path": run.source, "bytes": len(run.shared.models["original"])},
+            "output": {"path": None, "bytes": chosen_trial["bytes"] if chosen_trial else None},
+            "passes": [], "converged": True, "groups": [], "validated": chosen is not None,
+            "validation": None, "notes": list(block["notes"]), "search": block}
 
 
 def _fmt_bytes(n) -> str:
