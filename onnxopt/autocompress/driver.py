@@ -182,6 +182,8 @@ class _Search:
                     advance(1)
         if len(done) < len(jobs):
             self.cut = True
+        order = {id(j): i for i, j in enumerate(jobs)}
+        done.sort(key=lambda pair: order[id(pair[0])])  # ids follow the jobs' order, not who finished first
         for job, result in done:
             self._record(job, result)
         return done
@@ -191,7 +193,7 @@ class _Search:
             self.probes.append({"family": job["family"], "layer": job["layer"], "option": job["option"],
                                 "error": probe_error(result), "bytes": result.get("bytes"),
                                 "seconds": result.get("seconds"), "cached": result.get("cached", False),
-                                "failure": result.get("error")})
+                                "failure": result.get("error"), "node": result.get("node")})
             return
         trial = {"id": f"{'p' if job['type'] == 'preset' else 't'}{len(self.trials) + 1}",
                  "pipeline": job["pipeline"], "kind": job["type"], "preset": job.get("preset"),
@@ -202,7 +204,8 @@ class _Search:
                  "predicted_error": job.get("predicted_error"), "sha": result.get("sha"),
                  "modified": result.get("modified"), "error": result.get("error"),
                  "seconds": result.get("seconds"), "cached": result.get("cached", False),
-                 "config": job.get("config"), "changed_layers": result.get("changed_layers")}
+                 "config": job.get("config"), "changed_layers": result.get("changed_layers"),
+                 "node": result.get("node")}
         if job.get("preset") == "default":
             trial["label"] = "default (clean-up only: reference)"
         trial["meets_floor"] = meets_floor(trial, self.min_cosine, self.min_metric)

@@ -97,16 +97,15 @@ class RayExecutor:
     def share(self, value):
         return self._ray.put(value)
 
-    def _remote(self, fn: Callable):
-        key = id(fn)
-        if key not in self._remote_cache:
-            self._remote_cache[key] = self._ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fn)
-        return self._remote_cache[key]
+    def _remote(self):
+        if "task" not in self._remote_cache:
+            self._remote_cache["task"] = self._ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_on_ray)
+        return self._remote_cache["task"]
 
     def map_unordered(self, fn: Callable, jobs: Sequence[dict], shared, deadline: float | None = None
                       ) -> Iterator[tuple[dict, dict]]:
         ray = self._ray
-        remote = self._remote(fn)
+        remote = self._remote()
         queue = list(jobs)
         pending: dict = {}
         try:
@@ -115,7 +114,7 @@ class RayExecutor:
                 # ``workers`` bounds the parallelism even on a larger cluster
                 while queue and len(pending) < self.workers:
                     job = queue.pop(0)
-                    pending[remote.remote(job, shared)] = job
+                    pending[remote.remote(fn, job, shared)] = job
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if timeout == 0.0:
                     return
@@ -141,6 +140,15 @@ class RayExecutor:
     def close(self) -> None:
         if self.started:
             self._ray.shutdown()
+
+
+def _on_ray(fn: Callable, job: dict, shared) -> dict:
+    """A Ray task: ``fn(job, shared)``, and the node it ran on."""
+    import ray
+
+    result = fn(job, shared)
+    result["node"] = ray.get_runtime_context().get_node_id()[:12]
+    return result
 
 
 def check_reachable(address: str) -> None:

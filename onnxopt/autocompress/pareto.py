@@ -6,7 +6,7 @@ its latency ratio to the original (``latency``); lower is better. Fidelity is th
 output's cosine on held-out samples and, with a user metric, that metric; higher is
 better. A candidate is on the front when no other is at least as good on every axis and
 better on one. The choice is the best objective among the candidates that meet the floor
-(ties: higher cosine, then the other objective, then the earlier trial).
+(ties: higher cosine, then fewer bytes, then the shorter pipeline, then the earlier trial).
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ def pareto_front(trials: Sequence[dict], objective: str, with_metric: bool = Fal
 def ranked(trials: Sequence[dict], objective: str, min_cosine: float, min_metric: float | None,
            eligible=lambda t: True) -> list[int]:
     """Indices of the eligible trials meeting the floor, best first."""
-    other = "latency" if objective == "size" else "size"
     keep = [i for i, t in enumerate(trials)
             if eligible(t) and meets_floor(t, min_cosine, min_metric) and objective_value(t, objective) is not None]
 
     def key(i: int):
+        # ties: fidelity, then the file size (deterministic, unlike a second latency
+        # figure), then the shorter pipeline (a preset over its spelled-out twin)
         t = trials[i]
-        second = objective_value(t, other)
-        return (objective_value(t, objective), -t["cosine"], second if second is not None else float("inf"), i)
+        size = t.get("bytes") if objective == "latency" else 0
+        return (objective_value(t, objective), -t["cosine"], size or 0, len(t.get("pipeline") or ""), i)
 
     return sorted(keep, key=key)

@@ -21,7 +21,7 @@ __all__ = ["search_report", "limiting_layers", "render_search"]
 
 TRIAL_KEYS = ("id", "pipeline", "kind", "preset", "label", "bytes", "latency_ratio", "latency_ms", "cosine",
               "cosines", "metric", "meets_floor", "pareto", "chosen", "seconds", "cached", "predicted_error",
-              "error")
+              "error", "node")
 
 
 def limiting_layers(probes: Sequence[dict], count: int = 5) -> list[str]:
@@ -39,6 +39,8 @@ def search_report(run, chosen, finals: list[dict], best_effort: int | None) -> d
     """The whole JSON report of a search (``run`` is the driver's state)."""
     trials = [{k: t.get(k) for k in TRIAL_KEYS} for t in run.trials]
     executor = run.executor.describe()
+    nodes = {j.get("node") for j in run.trials + run.probes if j.get("node") and not j.get("cached")}
+    executor["nodes_used"] = len(nodes) if nodes else None
     block = {
         "objective": run.objective,
         "floor": {"min_cosine": run.min_cosine, "min_metric": run.min_metric},
