@@ -31,7 +31,8 @@ MODELS = ("ppocr-det", "ppocr-rec", "ppocr-cls", "minilm", "digits")
 OBJECTIVES = ("latency", "size")
 FLOOR = 0.99
 CAL_N, FINAL_N = 48, 16
-DIGITS_ROWS = 16
+DIGITS_ROWS = 36
+DIGITS_MIN_ACCURACY = 0.97
 
 
 # --------------------------------------------------------------------------------------
@@ -81,11 +82,12 @@ def model_data(name: str) -> dict:
     if name == "digits":
         from models.digits import digits_mlp, digits_split
 
-        x_tr, x_te, _, _ = digits_split()
-        cal = [{"input": x_tr[i:i + DIGITS_ROWS]} for i in range(0, CAL_N * DIGITS_ROWS, DIGITS_ROWS)]
-        final = [{"input": x_te[i:i + 18]} for i in range(0, len(x_te), 18)]
-        return {"model": digits_mlp(), "calibration": cal, "feeds": final,
-                "metric": "benchmarks.search:digits_accuracy", "min_metric": 0.99}
+        # rows the classifier was not trained on (its test split), so that accuracy means
+        # something on the held-out samples too: two thirds to search on, a third unseen
+        _, x_te, _, _ = digits_split()
+        batches = [{"input": x_te[i:i + DIGITS_ROWS]} for i in range(0, len(x_te), DIGITS_ROWS)]
+        return {"model": digits_mlp(), "calibration": batches[:10], "feeds": batches[10:],
+                "metric": "benchmarks.search:digits_accuracy", "min_metric": DIGITS_MIN_ACCURACY}
     raise KeyError(name)
 
 
@@ -320,7 +322,7 @@ def render(results: dict) -> str:
     scale = results.get("scale", {})
     parts = ["### Search (`make bench-search`)", "",
              f"Measured on {machine_line(results['machine'])}; floor cosine {FLOOR} on every output (digits: also "
-             f"accuracy ≥ 0.99 on its held-out training rows); default time budget; {results['workers']} Ray "
+             f"accuracy ≥ {DIGITS_MIN_ACCURACY} on held-out test rows); default time budget; {results['workers']} Ray "
              "workers; no cache. Latency ratios are medians of interleaved runs on one core held by the trial, "
              "relative to the original model; fidelity is on calibration samples held out of the search's "
              "calibration, and for the chosen model also on feeds the search never saw (`cosine unseen`; "
