@@ -18,7 +18,7 @@ from onnxopt.autocompress.cache import ResultCache, data_digest, digest
 from onnxopt.autocompress.data_split import split_data
 from onnxopt.autocompress.metric import load_metric
 from onnxopt.autocompress.pareto import pareto_front, ranked
-from onnxopt.autocompress.space import Config, Layer, WeightLayer, exact_pattern, parse_space, pipeline
+from onnxopt.autocompress.space import ComputeLayer, Config, WeightLayer, exact_pattern, parse_space, pipeline
 from onnxopt.autocompress.tasks import run_job
 from onnxopt.cli import main
 from onnxopt.errors import CalibrationError, UsageError, ValidationFailed
@@ -67,8 +67,8 @@ def test_pipeline_of_a_config_names_its_layers_with_pass_options():
 
 
 def test_quant_ladder_quantizes_the_cheapest_layers_first_within_each_budget():
-    layers = [Layer("a", "Conv", 100, 10), Layer("b", "Conv", 100, 10), Layer("c", "Conv", 1000, 10),
-              Layer("d", "Conv", 100, 10)]
+    layers = [ComputeLayer("a", "Conv", 100, 10), ComputeLayer("b", "Conv", 100, 10), ComputeLayer("c", "Conv", 1000, 10),
+              ComputeLayer("d", "Conv", 100, 10)]
     ladder = quant_ladder(layers, {"a": 0.004, "b": 0.0001, "c": 0.002, "d": None}, "latency")
     assert ladder.order == ["b", "c", "a"]  # d: the probe changed nothing; c gains ten times more than a
     assert ladder.prefixes(0.001) == [1, 2, 3]

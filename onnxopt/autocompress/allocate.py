@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .space import Layer, PrunableGroup, WeightLayer
+from .space import ComputeLayer, PrunableGroup, WeightLayer
 
 __all__ = [
     "BUDGET_STEPS",
@@ -77,11 +77,11 @@ class QuantLadder:
         return sorted({k for k in ks if k > 0})
 
 
-def quant_ladder(layers: Sequence[Layer], errors: Mapping[str, float | None], objective: str) -> QuantLadder:
+def quant_ladder(layers: Sequence[ComputeLayer], errors: Mapping[str, float | None], objective: str) -> QuantLadder:
     """Order the layers a quantizing probe changed by error per unit of gain."""
     eligible = [layer for layer in layers if errors.get(layer.name) is not None]
 
-    def gain(layer: Layer) -> float:
+    def gain(layer: ComputeLayer) -> float:
         return float(layer.macs if objective == "latency" else layer.weight_bytes) + 1.0
 
     order = sorted(eligible, key=lambda layer: (max(errors[layer.name], 0.0) / gain(layer), layer.name))

@@ -39,7 +39,7 @@ __all__ = [
     "OBJECTIVES",
     "LATENCY_FAMILIES",
     "parse_space",
-    "Layer",
+    "ComputeLayer",
     "WeightLayer",
     "PrunableGroup",
     "Layers",
@@ -120,7 +120,7 @@ def int4_cleanup() -> str:
 
 
 @dataclass(frozen=True)
-class Layer:
+class ComputeLayer:
     """A compute node (Conv/MatMul/Gemm) of the cleaned model: its name, op, the
     multiply-accumulates it runs on the probe sample, and its weight's bytes."""
 
@@ -155,12 +155,12 @@ class PrunableGroup:
 class Layers:
     """What the families act on, found on the cleaned model(s)."""
 
-    compute: list[Layer] = field(default_factory=list)
-    int4: list[Layer] = field(default_factory=list)
+    compute: list[ComputeLayer] = field(default_factory=list)
+    int4: list[ComputeLayer] = field(default_factory=list)
     weights: list[WeightLayer] = field(default_factory=list)
     groups: list[PrunableGroup] = field(default_factory=list)
 
-    def by_name(self) -> dict[str, Layer]:
+    def by_name(self) -> dict[str, ComputeLayer]:
         return {layer.name: layer for layer in self.compute + self.int4}
 
 
@@ -171,7 +171,7 @@ def _nameable(name: str) -> bool:
 
 
 def _compute_layers(model: Model, sample: dict | None, ops: Sequence[str] = COMPUTE_OPS,
-                    constant_weight: bool = False) -> list[Layer]:
+                    constant_weight: bool = False) -> list[ComputeLayer]:
     import onnx_graphsurgeon as gs
 
     nodes = [n for n in model.graph.nodes if n.op in ops and _nameable(n.name)]
@@ -183,7 +183,7 @@ def _compute_layers(model: Model, sample: dict | None, ops: Sequence[str] = COMP
     for n in nodes:
         w = n.inputs[1] if len(n.inputs) > 1 else None
         wbytes = int(w.values.nbytes) if isinstance(w, gs.Constant) else 0
-        out.append(Layer(n.name, n.op, _macs(n, shapes), wbytes))
+        out.append(ComputeLayer(n.name, n.op, _macs(n, shapes), wbytes))
     return out
 
 
