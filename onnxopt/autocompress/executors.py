@@ -12,6 +12,7 @@ imported here only, when a Ray executor is made — never when onnxopt is import
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -167,6 +168,24 @@ def check_reachable(address: str) -> None:
         raise UsageError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Send what native code writes to file descriptor 2 to /dev/null for a while (Python's
+    own ``sys.stderr`` is left alone)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _connect(address: str) -> None:
     import ray
 
@@ -181,8 +200,9 @@ def _connect(address: str) -> None:
             outcome["error"] = exc
 
     thread = threading.Thread(target=init, name="onnxopt-ray-connect", daemon=True)
-    thread.start()
-    thread.join(CONNECT_TIMEOUT)
+    with _native_stderr_muted():  # Ray's C++ client logs every failed attempt to stderr
+        thread.start()
+        thread.join(CONNECT_TIMEOUT)
     if thread.is_alive():
         raise UsageError(f"cannot reach the Ray cluster at {address}: no answer within {CONNECT_TIMEOUT:.0f} s")
     if "error" in outcome:
