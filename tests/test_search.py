@@ -302,3 +302,34 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_search_is_exported_lazily():
     assert onnxopt.search is search
     assert "search" in onnxopt.__all__
+
+
+def test_timings_hold_distinct_cores_and_measure_a_ratio(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from onnxopt.autocompress import timing
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: nothing to tell apart")
+    monkeypatch.setattr(timing, "LOCK_DIR", tmp_path)  # this machine's other searches hold the real locks
+    seen, done = [], threading.Event()
+
+    def second():
+        with timing.core_slot() as core:
+            seen.append(core)
+            done.wait(10)
+
+    with timing.core_slot() as first:
+        t = threading.Thread(target=second)
+        t.start()
+        for _ in range(100):
+            if seen:
+                break
+            threading.Event().wait(0.05)
+        done.set()
+        t.join(10)
+    assert seen and seen[0] != first  # the second timing got the other core, not a shared one
+    data = Model.from_proto(small_mlp()).to_bytes()
+    result = timing.latency_ratio(data, data, feeds(1)[0], target_seconds=0.2)
+    assert 0.5 < result["latency_ratio"] < 2.0 and len(result["round_ratios"]) == 3

@@ -5,7 +5,8 @@ A timing holds one CPU core of this machine for its whole duration — an exclus
 file per core, shared by every process of the machine (in-process trials and Ray workers
 alike) — and runs pinned to it. Two timings therefore never share a core, whatever the
 number of workers. Both models run with one onnxruntime thread, interleaved run by run
-(who goes first alternates), and the figure is the ratio of the medians.
+(who goes first alternates), in a few rounds; the figure is the median of the rounds'
+ratios of medians.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ __all__ = ["core_slot", "latency_ratio"]
 log = logging.getLogger(__name__)
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "onnxopt-search-cores"
+#: The cores this process may run on, read before any timing pins a thread (a thread
+#: started inside a timing would otherwise see only the held core).
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
 @contextlib.contextmanager
@@ -36,7 +40,7 @@ def core_slot(poll: float = 0.05) -> Iterator[int | None]:
         yield None
         return
     before = os.sched_getaffinity(0)
-    cores = sorted(before)
+    cores = CORES or sorted(before)
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     handle = None
     core = None
@@ -64,29 +68,37 @@ def core_slot(poll: float = 0.05) -> Iterator[int | None]:
 
 def latency_ratio(original: bytes, candidate: bytes, feed: Mapping[str, np.ndarray], *,
                   target_seconds: float = 1.0, min_runs: int = 7, max_runs: int = 500,
-                  warmup: int = 2) -> dict:
-    """Median latency of ``candidate`` over ``original`` (ms each, and the ratio), both
-    on one onnxruntime thread, interleaved, on a core held for the purpose."""
+                  warmup: int = 2, rounds: int = 3) -> dict:
+    """Latency of ``candidate`` over ``original``, both on one onnxruntime thread,
+    interleaved, on a core held for the purpose: the median over ``rounds`` rounds of the
+    ratio of the two medians (a stall of the machine during one round does not decide the
+    figure), and the medians in ms over all runs."""
     from ..validate import make_session
 
     feed = dict(feed)
     ref = make_session(original, threads=1)
     cand = make_session(candidate, threads=1)
+    ratios = []
+    times: tuple[list[float], list[float]] = ([], [])
+    runs = 0
     with core_slot() as core:
         for _ in range(warmup):
             ref.run(None, feed)
             cand.run(None, feed)
-        times: tuple[list[float], list[float]] = ([], [])
-        started = time.perf_counter()
-        runs = 0
-        while runs < max_runs and (runs < min_runs or time.perf_counter() - started < target_seconds):
-            pair = ((0, ref), (1, cand)) if runs % 2 == 0 else ((1, cand), (0, ref))
-            for slot, sess in pair:
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times[slot].append((time.perf_counter() - t0) * 1000.0)
-            runs += 1
-    ref_ms = float(np.median(times[0]))
-    cand_ms = float(np.median(times[1]))
-    return {"original_ms": ref_ms, "candidate_ms": cand_ms, "latency_ratio": cand_ms / ref_ms if ref_ms else None,
-            "runs": runs, "core": core}
+        for _ in range(rounds):
+            this: tuple[list[float], list[float]] = ([], [])
+            started = time.perf_counter()
+            n = 0
+            while n < max_runs // rounds and (n < min_runs or time.perf_counter() - started < target_seconds / rounds):
+                pair = ((0, ref), (1, cand)) if n % 2 == 0 else ((1, cand), (0, ref))
+                for slot, sess in pair:
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    this[slot].append((time.perf_counter() - t0) * 1000.0)
+                n += 1
+            runs += n
+            ratios.append(float(np.median(this[1]) / max(np.median(this[0]), 1e-9)))
+            times[0].extend(this[0])
+            times[1].extend(this[1])
+    return {"original_ms": float(np.median(times[0])), "candidate_ms": float(np.median(times[1])),
+            "latency_ratio": float(np.median(ratios)), "round_ratios": ratios, "runs": runs, "core": core}
