@@ -34,7 +34,7 @@ from .tasks import cosines, run_outputs
 __all__ = ["SearchResult", "finish", "write_calibration", "FINAL_TRIES"]
 
 #: Candidates tried in turn when the best one fails the final validation.
-FINAL_TRIES = 3
+FINAL_TRIES = 5
 
 
 @dataclass

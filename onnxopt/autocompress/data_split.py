@@ -71,7 +71,7 @@ def split_data(model: Model, calibration, feeds=None, *, seed: int = 0, probe_sa
     order = np.random.default_rng(seed).permutation(len(samples))
     shuffled = [samples[i] for i in order]
     n = len(shuffled)
-    n_hold = min(MAX_HOLDOUT, max(2, n // 5))
+    n_hold = min(MAX_HOLDOUT, max(2, n // 3))  # a third: fidelity on few samples is optimistic
     n_final = 0 if feeds is not None else min(MAX_FINAL, max(2, n // 5))
     holdout = shuffled[:n_hold]
     if feeds is None:

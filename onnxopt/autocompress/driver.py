@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIME_BUDGET = 600.0
 #: Bisection rounds of each quantization ladder after the allocation's candidates.
 REFINE_ROUNDS = 3
-#: Candidates tried in turn when the chosen one fails the final validation.
-FINAL_TRIES = 3
 
 
 def search(model, output=None, *, calibration, feeds=None, objective: str = "latency",
