@@ -32,7 +32,7 @@ OBJECTIVES = ("latency", "size")
 FLOOR = 0.99
 CAL_N, FINAL_N = 48, 16
 DIGITS_ROWS = 36
-DIGITS_MIN_ACCURACY = 0.97
+DIGITS_MIN_ACCURACY = 0.95
 
 
 # --------------------------------------------------------------------------------------
@@ -355,12 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     runs = []
+    results_notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-search-") as tmp:
         tmp = Path(tmp)
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         for name in models:
             for objective in args.objectives.split(","):
-                r = run_search(name, objective, workers=args.workers, budget=args.budget, out=tmp)
+                try:
+                    r = run_search(name, objective, workers=args.workers, budget=args.budget, out=tmp)
+                except Exception as exc:  # one broken search must not lose the others' figures
+                    print(f"{name} {objective}: failed: {type(exc).__name__}: {exc}", flush=True)
+                    results_notes.append(f"- {name}/{objective}: the search failed: {type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:200]}")
+                    continue
                 gain = "—" if r["gain"] is None else f"{100 * r['gain']:+.1f} %"
                 print(f"{name} {objective}: {_what(r['chosen'])}, gain {gain} over the best preset, "
                       f"{r['wall']:.0f} s", flush=True)
@@ -368,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         scale = {}
         if not (args.quick or args.no_scale):
-            scale["throughput"] = throughput()
-            scale["resume"] = resume(tmp)
-            scale["two_nodes"] = two_nodes(tmp)
-    results = {"machine": info, "workers": args.workers, "runs": runs, "scale": scale}
+            for key, fn in (("throughput", throughput), ("resume", lambda: resume(tmp)),
+                            ("two_nodes", lambda: two_nodes(tmp))):
+                try:
+                    scale[key] = fn()
+                except Exception as exc:
+                    results_notes.append(f"- {key}: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+    results = {"machine": info, "workers": args.workers, "runs": runs, "scale": scale, "notes": results_notes}
     text = render(results)
     print(text)
     save_results("search", results)

@@ -48,6 +48,8 @@ SHARE_PROBE_BITS = 4
 SHARE_BITS = (8, 6, 5, 4, 3)
 CHANNEL_PROBE_RATIO = 0.25
 CHANNEL_RATIOS = (0.1, 0.2, 0.3)
+#: Fewer budgets for channel groups: each candidate is refitted (reconstruct), which is dear.
+CHANNEL_STEPS = (1.0, 4.0)
 
 
 @dataclass
@@ -210,7 +212,7 @@ def channel_candidates(groups: Sequence[PrunableGroup], errors: Mapping[int, flo
     seen = set()
     for ratio in CHANNEL_RATIOS:
         scale = (ratio / CHANNEL_PROBE_RATIO) ** 2
-        for step in BUDGET_STEPS:
+        for step in CHANNEL_STEPS:
             # reconstruct recovers most of what pruning loses: the budget before it is wider
             budget = step * allowance * 10.0
             chosen: list[PrunableGroup] = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -114,6 +115,7 @@ class _Search:
         self.probes: list[dict] = []
         self.cut = False
         self.jobs_run = 0
+        self.recalibrated: set[str] = set()
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -322,7 +324,32 @@ class _Search:
         for family in ("int8", "int4"):
             if family in self.families:
                 jobs += self._bisect(family)
+        jobs += self._recalibrated()
         jobs += self._combinations()
+        return jobs
+
+    def _recalibrated(self) -> list[dict]:
+        """Candidates of the per-weight and per-group allocations again, once, with the
+        budget divided by how far the measured errors exceeded the predicted ones (the
+        layers' errors do not simply add up)."""
+        allowance = 1.0 - self.min_cosine or 1e-4
+        jobs = []
+        for kind, make in (("dc", self._dc_jobs), ("channels", self._channel_jobs)):
+            if kind in self.recalibrated:
+                continue
+            ratios = []
+            for t in self.trials:
+                cfg, predicted = t.get("config"), t.get("predicted_error")
+                if cfg is None or not predicted or t.get("cosine") is None or cfg.fp16 or \
+                        ("channels" if cfg.channels else cfg.branch) != kind or cfg.branch == "int8":
+                    continue
+                ratios.append(max(1.0 - t["cosine"], 0.0) / predicted)
+            if not ratios:
+                continue
+            self.recalibrated.add(kind)
+            scale = float(statistics.median(ratios))
+            if scale > 1.5:
+                jobs += make(allowance / scale)
         return jobs
 
     def _bisect(self, family: str) -> list[dict]:
