@@ -160,9 +160,6 @@ class Layers:
     weights: list[WeightLayer] = field(default_factory=list)
     groups: list[PrunableGroup] = field(default_factory=list)
 
-    def by_name(self) -> dict[str, ComputeLayer]:
-        return {layer.name: layer for layer in self.compute + self.int4}
-
 
 def _nameable(name: str) -> bool:
     """Whether a name can be written in a pipeline option (items are ``;``-separated and a
