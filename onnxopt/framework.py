@@ -42,6 +42,7 @@ __all__ = [
     "presets",
     "parse_pipeline",
     "load_builtin_passes",
+    "pass_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,23 @@ def registered_passes() -> dict[str, type[Pass]]:
 def presets() -> dict[str, tuple[str, str]]:
     load_builtin_passes()
     return dict(sorted(_PRESETS.items()))
+
+
+def pass_source(cls: type[Pass]) -> str:
+    """Where a pass is written: ``passes/<module>.py`` (or ``passes/<package>/__init__.py``)
+    for a built-in pass, as the repository lays it out; the module name for a plugin."""
+    import sys
+    from pathlib import Path
+
+    library = sys.modules.get("onnxopt.passes")
+    module = sys.modules.get(cls.__module__)
+    if library is None or module is None or not getattr(module, "__file__", None):
+        return cls.__module__
+    root = Path(library.__file__).resolve().parent
+    try:
+        return (Path("passes") / Path(module.__file__).resolve().relative_to(root)).as_posix()
+    except ValueError:
+        return cls.__module__
 
 
 def get_pass(name: str) -> type[Pass]:

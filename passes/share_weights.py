@@ -11,8 +11,10 @@ layer stores one ``bits``-bit index per weight plus the ``k`` centroids.
   ``prune-magnitude``, or natural) reserves codebook entry 0 for 0.0 and clusters its
   non-zeros into ``2**bits - 1`` centroids; both signs of zero become +0.0.
 * Lloyd iterations run on the sorted weights with prefix sums (exact 1-D k-means,
-  ``O(k log n)`` per iteration), until no assignment changes or ``iterations``; empty
-  clusters are dropped from the codebook.
+  ``O(k log n)`` per iteration), until no assignment changes or ``iterations``. A
+  cluster left empty takes a new centroid from the cluster with the largest squared
+  error, so evenly spaced centroids over a heavy-tailed layer do not waste most of the
+  codebook; clusters still empty at the end are dropped from it.
 * A layer that already takes at most ``k`` distinct non-zero values keeps them exactly.
 
 Layer selection is as in ``prune-magnitude`` (``ops``, ``include``/``exclude``,
@@ -120,6 +122,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", iterations: i
     else:
         raise ValueError(f"unknown init {init!r}")
     prefix = np.concatenate([[0.0], np.cumsum(s)])
+    squares = np.concatenate([[0.0], np.cumsum(s * s)])
     bounds = None
     for _ in range(iterations):
         mids = (c[1:] + c[:-1]) / 2
@@ -132,6 +135,8 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", iterations: i
         counts = ends - starts
         sums = prefix[ends] - prefix[starts]
         c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        if not counts.all():
+            c = _reseed_empty(c, s, starts, ends, counts, sums, squares)
         c = np.maximum.accumulate(c)  # keep the order that assignment by midpoints needs
     mids = (c[1:] + c[:-1]) / 2
     bounds = np.searchsorted(s, mids, side="right")
@@ -141,6 +146,30 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", iterations: i
     labels = np.empty(v.size, np.int64)
     labels[order] = sorted_labels
     return c[used], labels
+
+
+def _reseed_empty(c: np.ndarray, s: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                  counts: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
+    """Move the centroids of empty clusters into the clusters with the largest squared error.
+
+    Evenly spaced initial centroids leave most of a heavy-tailed layer's codebook empty
+    (the bulk of the weights falls between two of them); dropping those entries would
+    spend ``bits`` per index on a handful of values. Each empty centroid instead takes
+    the member farthest from the mean of one of the worst clusters (one per cluster),
+    and the next Lloyd step shares that cluster out. Deterministic: no random choice.
+    """
+    empty = np.flatnonzero(counts == 0)
+    safe = np.maximum(counts, 1)
+    sse = (squares[ends] - squares[starts]) - sums * sums / safe
+    splittable = (counts >= 2) & (s[np.maximum(ends - 1, 0)] > s[np.minimum(starts, s.size - 1)])
+    worst = [j for j in np.argsort(-sse, kind="stable") if splittable[j]][: empty.size]
+    if not worst:
+        return c
+    c = c.copy()
+    for slot, j in zip(empty, worst):
+        low, high = s[starts[j]], s[ends[j] - 1]
+        c[slot] = low if c[j] - low > high - c[j] else high
+    return np.sort(c)
 
 
 def _kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

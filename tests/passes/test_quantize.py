@@ -9,12 +9,14 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
-from onnxopt.passes.quantize_fusion import analyze_fusion
+from onnxopt.passes.quantize.fusion import analyze_fusion
+from onnxopt.passes.quantize.plan import select_weight_layers
 
-from onnxopt import Model
+from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, PipelineError
-from onnxopt.framework import PassContext
+from onnxopt.framework import PassContext, get_pass
 from onnxopt.graph import const_value
+from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import compare_outputs, make_session, run_model
 from tests.helpers import io_signature, run_pass
 
@@ -340,6 +342,41 @@ def test_bad_options_are_typed_errors(options, message):
         run_pass("quantize", CONV, ctx_for(CONV, CONV_CAL), **options)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "weight-only", "bits": 5}, "must be 4 or 8"),
+    ({"mode": "weight-only", "bits": 6}, "must be 4 or 8"),
+    ({"mode": "weight-only", "block_size": 48}, "power of two"),
+    ({"mode": "dynamic", "activations": "s8"}, "mode=dynamic"),
+    ({"mode": "dynamic", "profile": "tensorrt"}, "profile=tensorrt"),
+    ({"mode": "weight-only", "profile": "tensorrt"}, "profile=tensorrt"),
+    ({"mode": "dynamic", "bias_correction": "true"}, "bias_correction"),
+    ({"mode": "weight-only", "bias_correction": "true"}, "bias_correction"),
+    ({"op_types": "Conv;Relu"}, "Relu cannot be quantized with profile=ort-cpu"),
+    ({"op_types": "ConvTranspose"}, "ConvTranspose cannot be quantized with profile=ort-cpu"),
+    ({"mode": "weight-only", "op_types": "Gemm"}, "Gemm cannot be quantized with mode=weight-only"),
+])
+def test_option_combinations_are_refused_when_the_pass_is_constructed(options, message):
+    with pytest.raises(PipelineError, match=message):
+        get_pass("quantize")(**options)
+    spec = ",".join(f"{k}={v}" for k, v in options.items())
+    with pytest.raises(PipelineError, match=message):
+        PassManager(f"dead-nodes,quantize({spec})")  # the whole pipeline is checked before any pass runs
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "weight-only", "bits": 8, "block_size": 64},
+    {"mode": "static", "bits": 5, "block_size": 48},  # weight-only options, not read by static
+    {"mode": "dynamic", "activations": "u8"},
+    {"mode": "static", "profile": "tensorrt", "activations": "u8"},  # a note at run time, not an error
+    {"mode": "static", "profile": "tensorrt", "op_types": ["ConvTranspose"]},
+    {"mode": "dynamic", "op_types": ["LSTM"]},
+    {"mode": "static", "bias_correction": True},
+])
+def test_option_combinations_that_work_are_accepted(options):
+    quantize = get_pass("quantize")(**options)
+    assert all(quantize.opts[k] == v for k, v in options.items())
+
+
 def test_exclusions_by_op_type_name_and_pattern():
     by_op = run_pass("quantize", MLP, ctx_for(MLP, MLP_CAL), exclude="MatMul")
     assert not by_op.modified
@@ -483,6 +520,53 @@ def test_weight_only_int4_matmulnbits():
     assert node.domain == "com.microsoft" and node.attrs["bits"] == 4 and node.attrs["K"] == 32
     assert np.asarray(const_value(node.inputs[1])).shape == (64, 2, 8)  # N, blocks, 16 values in 8 bytes
     assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.98
+
+
+WEIGHT_LAYERS = with_weights("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[4, 32] x, float[32, 4] k) => (float[4, 32] y, float[4, 4] s)
+    {
+        h = MatMul(x, w1)
+        y = Gemm <alpha = 0.5> (h, w2)
+        s = MatMul(x, k)
+    }
+""", w1=RNG.standard_normal((32, 32)).astype(np.float32) / 6, w2=RNG.standard_normal((32, 32)).astype(np.float32) / 6)
+WEIGHT_LAYERS_FEEDS = [{"x": RNG.standard_normal((4, 32)).astype(np.float32),
+                        "k": RNG.standard_normal((32, 4)).astype(np.float32)}]
+
+
+@pytest.mark.parametrize("options, skipped", [
+    ({"mode": "dynamic"}, {"Gemm with transA or alpha != 1": 1,
+                           "second operand is not a constant (activation x activation)": 1}),
+    ({"mode": "weight-only", "block_size": 16},
+     {"second operand is not a constant (activation x activation)": 1}),
+])
+def test_weight_modes_choose_constant_weight_layers_and_say_why_others_stay_float(options, skipped):
+    ran = run_pass("quantize", WEIGHT_LAYERS, PassContext(reference=WEIGHT_LAYERS), **options)
+    assert ran.modified and ran.stats["quantized"] == 1 and ran.stats["quantized_ops"] == {"MatMul": 1}
+    assert ran.stats["skipped"] == skipped
+    gemm = next(n for n in ran.model.graph.nodes if n.op == "Gemm")
+    assert const_value(gemm.inputs[1]) is not None  # the declined Gemm keeps its float weight
+    assert io_signature(ran.model) == io_signature(WEIGHT_LAYERS)
+    assert cosine(WEIGHT_LAYERS, ran.model, WEIGHT_LAYERS_FEEDS) > 0.98
+
+
+def test_weight_layer_selection_says_which_op_a_mode_cannot_rewrite():
+    """The pass refuses such op_types when it is constructed; the plan, called directly,
+    still says why the layer stays float."""
+    chosen, skipped = select_weight_layers(WEIGHT_LAYERS.copy(), ShapeIndex(WEIGHT_LAYERS), mode="weight-only",
+                                           op_types=["MatMul", "Gemm"])
+    assert len(chosen) == 1
+    assert skipped == {"Gemm is not supported by mode=weight-only": 1,
+                       "second operand is not a constant (activation x activation)": 1}
+
+
+def test_weight_modes_skip_first_keeps_the_first_layer_float():
+    ran = run_pass("quantize", WEIGHT_LAYERS, PassContext(reference=WEIGHT_LAYERS), mode="dynamic",
+                   skip_first=True, exclude=["y"])
+    assert not ran.modified
+    assert ran.stats["skipped"] == {"first layer kept in float (skip_first)": 1, "excluded by the user": 1,
+                                    "second operand is not a constant (activation x activation)": 1}
 
 
 def test_weight_only_block_dequantize_is_opset_21():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnxopt.passes.quantize_fusion import analyze_fusion
+from onnxopt.passes.quantize.fusion import analyze_fusion
 
 from models.fetch import light_models
 from models.ocr import cls_labels, ctc_decode, mask_iou, ocr_feeds

@@ -59,6 +59,20 @@ def test_kmeans_keeps_few_distinct_values_exactly_and_drops_empty_clusters():
     assert len(centroids) == 2 and labels.max() == 1
 
 
+def test_kmeans_linear_init_reseeds_empty_clusters_of_a_heavy_tailed_layer():
+    """Two outliers stretch [min, max]: evenly spaced centroids leave all but a few
+    empty. They are re-seeded into the worst clusters, so the whole codebook is used and
+    the error is far below that of Lloyd over the evenly spaced ones alone."""
+    v = np.concatenate([np.random.default_rng(0).standard_normal(5000), [60.0, -60.0]])
+    centroids, labels = kmeans_1d(v, 16)
+    assert len(centroids) == 16 and np.all(np.diff(centroids) > 0)
+    assert set(np.unique(labels)) == set(range(16))
+    sse = ((v - centroids[labels]) ** 2).sum()
+    lone = np.linspace(v.min(), v.max(), 16)  # the bulk falls to 2-3 of these
+    assert ((v[:, None] - lone[None]) ** 2).min(1).sum() > 20 * sse
+    assert (np.abs(v[:, None] - centroids[None]).argmin(1) == labels).mean() > 0.999
+
+
 def test_kmeans_plus_plus_is_seeded():
     v = np.random.default_rng(0).standard_normal(2000)
     a = kmeans_1d(v, 16, init="kmeans++", rng=np.random.default_rng(1))
