@@ -152,6 +152,9 @@ class PassContext:
     ``calibration``: a re-iterable of feed dicts (see :mod:`onnxopt.data`) or None.
     ``providers``: onnxruntime providers to use (``cpu``, ``cuda``).
     ``shapes``: values for dynamic dimensions given by the user (input name -> shape).
+    ``map_shards``/``shards``: ``map_shards(fn, items) -> results`` runs a plain function
+    over plain data, possibly in parallel (Ray tasks); a pass may cut data-parallel work
+    such as calibration statistics into ``shards`` parts with it. None: it runs here.
     """
 
     reference: Any = None
@@ -161,6 +164,8 @@ class PassContext:
     progress: Progress = field(default_factory=Progress)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt.passes"))
     seed: int = 0
+    map_shards: Callable[[Callable, list], list] | None = None
+    shards: int = 0
 
     def require_calibration(self, pass_name: str):
         """The calibration data, or a clear error naming the pass that needs it."""

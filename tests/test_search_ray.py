@@ -109,3 +109,16 @@ def test_onnxopt_never_imports_ray_by_itself():
     code = ("import sys, onnxopt, onnxopt.cli, onnxopt.autocompress; onnxopt.search; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_calibration_statistics_per_shard_as_ray_tasks(ray_session):
+    from onnxopt.autocompress.executors import ray_map_shards
+    from onnxopt.framework import PassContext
+
+    def quantized(**ctx) -> bytes:
+        model = Model.from_proto(small_mlp())
+        PassManager("quantize(mode=static,method=minmax)").run(
+            model, PassContext(reference=model.copy(), calibration=feeds(16), **ctx))
+        return model.to_bytes()
+
+    assert quantized(map_shards=ray_map_shards, shards=4) == quantized()

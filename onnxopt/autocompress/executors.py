@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from ..errors import UsageError
 
 __all__ = ["InProcessExecutor", "RayExecutor", "make_executor", "ray_available", "check_reachable",
-           "CONNECT_TIMEOUT"]
+           "ray_map_shards", "CONNECT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,19 @@ class RayExecutor:
     def close(self) -> None:
         if self.started:
             self._ray.shutdown()
+
+
+def ray_map_shards(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` as Ray tasks, in order: what a
+    :class:`~onnxopt.framework.PassContext` takes as ``map_shards`` (calibration
+    statistics per shard, merged by the pass). Uses the Ray initialised in this process, or
+    starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fn)
+    return ray.get([remote.remote(item) for item in items])
 
 
 def _on_ray(fn: Callable, job: dict, shared) -> dict:
