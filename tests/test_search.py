@@ -333,3 +333,10 @@ def test_timings_hold_distinct_cores_and_measure_a_ratio(tmp_path, monkeypatch):
     data = Model.from_proto(small_mlp()).to_bytes()
     result = timing.latency_ratio(data, data, feeds(1)[0], target_seconds=0.2)
     assert 0.5 < result["latency_ratio"] < 2.0 and len(result["round_ratios"]) == 3
+
+
+def test_weight_probes_cover_the_bulk_of_the_bytes_largest_first():
+    from onnxopt.autocompress.jobs import _bulk
+
+    weights = [WeightLayer(f"w{i}", n, n * 4) for i, n in enumerate([10, 5000, 200, 3000, 20])]
+    assert [w.name for w in _bulk(weights)] == ["w1", "w3", "w2"]

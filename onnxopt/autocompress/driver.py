@@ -152,9 +152,17 @@ class _Search:
 
     # ---- running jobs ---------------------------------------------------------------
 
-    def _run(self, jobs: list[dict], what: str) -> list[tuple[dict, dict]]:
-        """Run ``jobs`` (cache first), returning (job, result) pairs; marks the search cut
-        when the deadline stops it."""
+    def _until(self, share: float) -> float | None:
+        """The end of a phase that may use the budget up to ``share`` of it (so that
+        candidates are still measured when probes alone could fill it)."""
+        if self.deadline is None:
+            return None
+        return min(self.deadline, self.started + share * float(self.time_budget))
+
+    def _run(self, jobs: list[dict], what: str, until: float | None = None) -> list[tuple[dict, dict]]:
+        """Run ``jobs`` (cache first), returning (job, result) pairs. Stopped by the
+        budget, the search is marked cut; stopped by the phase's own end (``until``), the
+        jobs left are dropped and the search goes on with what was measured."""
         seen = {t["pipeline"] for t in self.trials}
         jobs = [{**j, "outputs": self.metric is not None and j["kind"] == "trial"} for j in jobs
                 if j["kind"] == "probe" or j["pipeline"] not in seen]
@@ -170,7 +178,8 @@ class _Search:
         if todo and not self.cut:
             with self.progress.task(what, len(jobs)) as advance:
                 advance(len(done))
-                for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, self.deadline):
+                stop = self.deadline if until is None else until
+                for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, stop):
                     self.jobs_run += 1
                     outputs = result.pop("outputs", None)
                     if outputs is not None and self.metric is not None:
@@ -180,8 +189,11 @@ class _Search:
                         self.cache.put(self._key(job), result)
                     done.append((job, {**result, "cached": False}))
                     advance(1)
-        if len(done) < len(jobs):
+        if len(done) < len(jobs) and (self.deadline is not None and time.monotonic() >= self.deadline
+                                      or until is None):
             self.cut = True
+        elif len(done) < len(jobs):
+            self.notes.append(f"{what}: {len(jobs) - len(done)} of {len(jobs)} left out to keep time for what follows")
         order = {id(j): i for i, j in enumerate(jobs)}
         done.sort(key=lambda pair: order[id(pair[0])])  # ids follow the jobs' order, not who finished first
         for job, result in done:
@@ -224,15 +236,17 @@ class _Search:
             watch = {"int8": [x.name for x in self.layers.compute], "int4": [x.name for x in self.layers.int4]}
             whole = [config_job(Config(b, label=f"{b} (whole model)"), watch=watch.get(b, ()))
                      for b in ("int8", "int4", "fp16") if b in self.families]
-            independent = [f for f in self.families if f in ("prune", "share", "channels")]
-            self._run(whole + preset_jobs() + probe_jobs(independent, self.layers),
-                      "reference points and probes")
+            self._run(whole + preset_jobs(), "reference points")
             quantizing = [f for f in self.families if f in ("int8", "int4")]
-            if quantizing and self._remaining():
-                only = {f: self._whole(f).get("changed") for f in quantizing}
-                self._run(probe_jobs(quantizing, self.layers, only), "quantization probes")
+            only = {f: self._whole(f).get("changed") for f in quantizing}
+            weights = [f for f in self.families if f in ("prune", "share")]
+            probes = probe_jobs(quantizing, self.layers, only) + probe_jobs(weights, self.layers)
             if self._remaining():
-                self._run(self._allocate(), "candidates")
+                self._run(probes, "sensitivity probes", until=self._until(0.5))
+            if "channels" in self.families and self._remaining():
+                self._run(probe_jobs(["channels"], self.layers), "channel-group probes", until=self._until(0.6))
+            if self._remaining():
+                self._run(self._allocate(), "candidates", until=self._until(0.85))
             for _ in range(REFINE_ROUNDS):
                 if not self._remaining():
                     break

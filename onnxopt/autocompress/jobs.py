@@ -17,6 +17,8 @@ PRESETS = ("default", "int8", "int8-dynamic", "int4", "fp16", "compress")
 #: Calibration samples a quantization probe calibrates on (a probe ranks layers; the
 #: trials calibrate on every calibration sample).
 PROBE_CALIBRATION = 4
+#: Share of the weight bytes whose layers prune/share probe (the smallest layers stay as they are).
+BULK = 0.98
 
 
 def probe_error(result: dict) -> float | None:
@@ -47,8 +49,10 @@ def probe_jobs(families: Sequence[str], layers: Layers, only: Mapping[str, set[s
                      "pipeline": text, "start": start})
 
     names = [layer.name for layer in layers.compute]
+    # largest first: a phase that runs out of time has probed the layers that matter most
+    by_macs = sorted(layers.compute, key=lambda x: (-x.macs, x.name))
     if "int8" in families:
-        for layer in layers.compute:
+        for layer in by_macs:
             if not wanted("int8", layer.name):
                 continue
             add("int8", layer.name, None,
@@ -56,17 +60,18 @@ def probe_jobs(families: Sequence[str], layers: Layers, only: Mapping[str, set[s
                 f"check_fusion=false,exclude={_others(names, layer.name)})")
     if "int4" in families:
         int4_names = [layer.name for layer in layers.int4]
-        for layer in layers.int4:
+        for layer in sorted(layers.int4, key=lambda x: (-x.macs, x.name)):
             if not wanted("int4", layer.name):
                 continue
             add("int4", layer.name, None, f"quantize(mode=weight-only,bits=4,exclude={_others(int4_names, layer.name)})",
                 start="clean_int4")
+    weights = _bulk(layers.weights)
     if "prune" in families:
-        for w in layers.weights:
+        for w in weights:
             for s in PRUNE_PROBES:
                 add("prune", w.name, s, f"prune-magnitude(sparsity={s:g},include={option_value([exact_pattern([w.name])])})")
     if "share" in families:
-        for w in layers.weights:
+        for w in weights:
             add("share", w.name, SHARE_PROBE_BITS,
                 f"share-weights(bits={SHARE_PROBE_BITS},include={option_value([exact_pattern([w.name])])})")
     if "channels" in families:
@@ -77,6 +82,20 @@ def probe_jobs(families: Sequence[str], layers: Layers, only: Mapping[str, set[s
             add("channels", str(g.id), CHANNEL_PROBE_RATIO,
                 f"prune-channels(ratio={CHANNEL_PROBE_RATIO:g},round_to={CHANNEL_ROUND}{extra})")
     return jobs
+
+
+def _bulk(weights: Sequence, share: float = BULK) -> list:
+    """The largest weights holding ``share`` of all the weight bytes, largest first: the
+    rest cannot change a model's size by much and are left as they are."""
+    order = sorted(weights, key=lambda w: (-w.nbytes, w.name))
+    total = sum(w.nbytes for w in order) or 1
+    kept, running = [], 0
+    for w in order:
+        if running >= share * total:
+            break
+        kept.append(w)
+        running += w.nbytes
+    return kept
 
 
 def preset_jobs() -> list[dict]:
