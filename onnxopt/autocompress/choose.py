@@ -35,6 +35,8 @@ __all__ = ["SearchResult", "finish", "write_calibration", "FINAL_TRIES"]
 
 #: Candidates tried in turn when the best one fails the final validation.
 FINAL_TRIES = 5
+#: Fewer when the time budget is already spent.
+CUT_TRIES = 2
 
 
 @dataclass
@@ -128,7 +130,7 @@ def _choose(run) -> tuple[tuple[int, dict] | None, list[dict]]:
     order = ranked(run.trials, run.objective, run.min_cosine, run.min_metric, eligible=_eligible)
     finals = []
     with run.progress.task("final validation on unseen feeds"):
-        for i in order[:FINAL_TRIES]:
+        for i in order[:FINAL_TRIES if not run.cut else CUT_TRIES]:
             check = final_check(run, run.trials[i])
             finals.append({k: v for k, v in check.items() if k != "model"})
             if check["meets_floor"]:
