@@ -58,8 +58,6 @@ def optimize(
     external_data: bool | None = None,
     progress: Progress | None = None,
     seed: int = 0,
-    map_shards=None,
-    shards: int = 0,
 ) -> tuple[Model, Report]:
     """Run ``pipeline`` over ``model`` and check the result against the original.
 
@@ -70,9 +68,7 @@ def optimize(
     for the passes that need data. If every pass that changed the model is exact, the
     outputs must match within ``rtol``/``atol``; otherwise their cosine must reach
     ``min_cosine``; without ``feeds``, the first calibration sample (if any) is what both
-    are run on. ``map_shards`` and ``shards`` let passes cut data-parallel work (calibration
-    statistics) into shards run as, e.g., Ray tasks
-    (:func:`onnxopt.autocompress.executors.ray_map_shards`). With ``output`` the model is written there — unless validation failed,
+    are run on. With ``output`` the model is written there — unless validation failed,
     which raises :class:`ValidationFailed` (``force=True`` writes anyway).
 
     Returns the optimized model and the :class:`Report`.
@@ -107,9 +103,8 @@ def optimize(
     manager.feeds = feeds
 
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
-                      shapes=dict(shapes or {}), progress=progress or Progress(),
-                      logger=logging.getLogger("onnxopt.passes"), seed=seed, map_shards=map_shards,
-                      shards=shards)
+                      shapes=dict(shapes or {}), feeds=feeds, progress=progress or Progress(),
+                      logger=logging.getLogger("onnxopt.passes"), seed=seed)
     input_figures = model_figures(reference, source_path,
                                   _file_bytes(source_path) if source_path else None)
     result = manager.run(candidate, ctx)
