@@ -152,6 +152,9 @@ class PassContext:
     ``calibration``: a re-iterable of feed dicts (see :mod:`onnxopt.data`) or None.
     ``providers``: onnxruntime providers to use (``cpu``, ``cuda``).
     ``shapes``: values for dynamic dimensions given by the user (input name -> shape).
+    ``feeds``: the validation feeds (input name -> array) when the caller has them — a pass
+    that re-checks a rewrite on onnxruntime runs it on these; None when validation will
+    generate its feeds from the signature (``shapes``, ``seed``).
     ``map_shards``/``shards``: ``map_shards(fn, items) -> results`` runs a plain function
     over plain data, possibly in parallel (Ray tasks); a pass may cut data-parallel work
     such as calibration statistics into ``shards`` parts with it. None: it runs here.
@@ -161,6 +164,7 @@ class PassContext:
     calibration: Any = None
     providers: tuple[str, ...] = ("cpu",)
     shapes: Mapping[str, tuple] = field(default_factory=dict)
+    feeds: Mapping[str, Any] | None = None
     progress: Progress = field(default_factory=Progress)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt.passes"))
     seed: int = 0

@@ -18,24 +18,7 @@ from onnxopt.framework import PassContext, get_pass
 from onnxopt.graph import const_value
 from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import compare_outputs, make_session, run_model
-from tests.helpers import io_signature, run_pass
-
-
-def with_weights(text: str, **arrays: np.ndarray) -> Model:
-    """A model from ONNX text whose graph inputs named in ``arrays`` become initializers
-    holding those values (the text stays readable; the weights come from numpy). Nodes
-    are named after their first output."""
-    proto = onnx.parser.parse_model(text)
-    g = proto.graph
-    for node in g.node:
-        node.name = node.name or node.output[0]
-    keep = [i for i in g.input if i.name not in arrays]
-    del g.input[:]
-    g.input.extend(keep)
-    for name, value in arrays.items():
-        g.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
-    onnx.checker.check_model(proto)
-    return Model.from_proto(proto)
+from tests.helpers import cosine, io_signature, run_pass, with_weights
 
 
 def calib(model: Model, n: int = 16, seed: int = 0, **shapes) -> list[dict]:
@@ -46,15 +29,6 @@ def calib(model: Model, n: int = 16, seed: int = 0, **shapes) -> list[dict]:
 def ctx_for(model: Model, data) -> PassContext:
     return PassContext(reference=model, calibration=data)
 
-
-def cosine(ref: Model, cand: Model, feeds_list) -> float:
-    worst = 1.0
-    for feeds in feeds_list:
-        a, b = run_model(ref, feeds), run_model(cand, feeds)
-        for name in a:
-            m = compare_outputs(name, a[name], b[name], exact=False)
-            worst = min(worst, m.cosine if m.cosine is not None else 1.0)
-    return worst
 
 
 def ops(model: Model) -> list[str]:
@@ -124,7 +98,7 @@ def test_static_conv_places_qdq_where_onnxruntime_fuses_and_stays_close():
     assert s["quantized_ops"]["Conv"] == 2 and s["weights_quantized"] == 2
     assert s["fused_fraction"] == 1.0 and s["integer_kernels"]["QLinearConv"] == 2
     assert io_signature(ran.model) == io_signature(CONV)
-    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 4, 16, 16))) > 0.99
+    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 4, 16, 16)), each_feed=True) > 0.99
 
 
 def test_a_conv_over_an_rgb_image_stays_float_unless_asked():
@@ -143,7 +117,7 @@ def test_a_conv_over_an_rgb_image_stays_float_unless_asked():
     assert producer(second.inputs[1]).op == "DequantizeLinear"
     assert ran.stats["quantized_ops"]["Conv"] == 1 and ran.stats["fused_fraction"] == 1.0
     assert any(k.startswith("few input channels") for k in ran.stats["skipped"])
-    assert cosine(rgb, ran.model, calib(rgb, 2, seed=9, x=(2, 3, 16, 16))) > 0.99
+    assert cosine(rgb, ran.model, calib(rgb, 2, seed=9, x=(2, 3, 16, 16)), each_feed=True) > 0.99
     both = run_pass("quantize", rgb, ctx_for(rgb, cal), min_in_channels=1)
     assert both.stats["quantized_ops"]["Conv"] == 2 and both.stats["integer_kernels"]["QLinearConv"] == 2
 
@@ -171,7 +145,7 @@ def test_matmul_with_bias_add_per_channel_does_not_raise_and_fuses_to_qgemm():
     adds = [n for n in ran.model.graph.nodes if n.op == "Add"]
     assert all(np.asarray(const_value(producer(a.inputs[1]).inputs[0])).dtype == np.int32 for a in adds)
     assert ran.stats["integer_kernels"] == {"QGemm": 2} and ran.stats["fused_fraction"] == 1.0
-    assert cosine(MLP, ran.model, calib(MLP, 4, seed=3, x=(8, 32))) > 0.99
+    assert cosine(MLP, ran.model, calib(MLP, 4, seed=3, x=(8, 32)), each_feed=True) > 0.99
 
 
 def test_three_d_matmul_keeps_a_float_bias_and_fuses_to_matmulintegertofloat():
@@ -213,7 +187,7 @@ def test_affine_ops_are_folded_first_reading_operands_through_shape_ops():
     assert [c.op for c in conv.outputs[0].outputs] == ["Relu"]
     assert [c.op for c in next(n for n in ran.model.graph.nodes if n.op == "Relu").outputs[0].outputs] \
         == ["QuantizeLinear"]
-    assert cosine(model, ran.model, calib(model, 4, seed=5, x=(2, 4, 8, 8))) > 0.99
+    assert cosine(model, ran.model, calib(model, 4, seed=5, x=(2, 4, 8, 8)), each_feed=True) > 0.99
 
 
 def test_dynamic_shapes_ragged_calibration():
@@ -462,7 +436,7 @@ def test_opset_below_13_is_converted_for_per_channel_weights():
     assert ran.stats["opset"] == "11 -> 13" and ran.stats["per_channel"] is True
     assert ran.model.opset_imports[""] == 13
     make_session(ran.model)  # loads: no "Unrecognized attribute: axis for DequantizeLinear"
-    assert cosine(OLD, ran.model, CONV_CAL[:2]) > 0.99
+    assert cosine(OLD, ran.model, CONV_CAL[:2], each_feed=True) > 0.99
 
 
 def test_opset_below_13_falls_back_to_per_tensor_when_asked():
@@ -498,7 +472,7 @@ def test_tensorrt_profile_follows_the_explicit_quantization_rules():
             assert readers <= {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add"}
         if node.op == "Add":  # residual Add: both inputs quantized
             assert all(producer(t).op == "DequantizeLinear" for t in node.inputs)
-    assert cosine(CONV, m, CONV_CAL[:2]) > 0.98
+    assert cosine(CONV, m, CONV_CAL[:2], each_feed=True) > 0.98
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +484,7 @@ def test_dynamic_mode_needs_no_calibration_and_fuses():
     ran = run_pass("quantize", MLP, PassContext(reference=MLP), mode="dynamic")
     assert ran.modified and "DynamicQuantizeLinear" in ops(ran.model) and "MatMulInteger" in ops(ran.model)
     assert ran.stats["integer_kernels"] == {"DynamicQuantizeMatMul": 2} and ran.stats["fused_fraction"] == 1.0
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.99
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.99
 
 
 def test_weight_only_int4_matmulnbits():
@@ -519,7 +493,7 @@ def test_weight_only_int4_matmulnbits():
     node = next(n for n in ran.model.graph.nodes if n.op == "MatMulNBits")
     assert node.domain == "com.microsoft" and node.attrs["bits"] == 4 and node.attrs["K"] == 32
     assert np.asarray(const_value(node.inputs[1])).shape == (64, 2, 8)  # N, blocks, 16 values in 8 bytes
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.98
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.98
 
 
 WEIGHT_LAYERS = with_weights("""
@@ -548,7 +522,7 @@ def test_weight_modes_choose_constant_weight_layers_and_say_why_others_stay_floa
     gemm = next(n for n in ran.model.graph.nodes if n.op == "Gemm")
     assert const_value(gemm.inputs[1]) is not None  # the declined Gemm keeps its float weight
     assert io_signature(ran.model) == io_signature(WEIGHT_LAYERS)
-    assert cosine(WEIGHT_LAYERS, ran.model, WEIGHT_LAYERS_FEEDS) > 0.98
+    assert cosine(WEIGHT_LAYERS, ran.model, WEIGHT_LAYERS_FEEDS, each_feed=True) > 0.98
 
 
 def test_weight_layer_selection_says_which_op_a_mode_cannot_rewrite():
@@ -575,7 +549,7 @@ def test_weight_only_block_dequantize_is_opset_21():
     assert ran.model.opset_imports[""] == 21
     dq = next(n for n in ran.model.graph.nodes if n.op == "DequantizeLinear")
     assert dq.attrs == {"axis": 0, "block_size": 16}
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.98
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.98
 
 
 # --------------------------------------------------------------------------------------
@@ -601,13 +575,13 @@ def test_accuracy_guard_keeps_the_sensitive_layer_float_and_reports_it():
     model = outlier_mlp()
     data = calib(model, 16, x=(4, 16))
     plain = run_pass("quantize", model, ctx_for(model, data))
-    assert cosine(model, plain.model, data[:4]) < 0.9  # collapsed
+    assert cosine(model, plain.model, data[:4], each_feed=True) < 0.9  # collapsed
     guarded = run_pass("quantize", model, ctx_for(model, data), min_cosine=0.99)
     g = guarded.stats["guard"]
     assert g["met"] and g["cosine"] >= 0.99 and g["cosine_before"] < 0.9
     assert [f["name"] for f in g["float_layers"]] and all(f["sensitivity"] > 0 for f in g["float_layers"])
     assert guarded.stats["quantized"] >= 1  # not everything was given up
-    assert cosine(model, guarded.model, data[:4]) >= 0.99
+    assert cosine(model, guarded.model, data[:4], each_feed=True) >= 0.99
 
 
 def test_guard_with_top1_bound():
@@ -653,4 +627,4 @@ def test_dynamic_mode_quantizes_lstm_weights():
     assert node.domain == "com.microsoft" and ran.stats["quantized_ops"] == {"LSTM": 1}
     assert np.asarray(const_value(node.inputs[1])).shape == (1, inp, 4 * hidden)  # transposed int8 W
     feeds = [{"x": RNG.standard_normal((5, 2, inp)).astype(np.float32)} for _ in range(3)]
-    assert cosine(model, ran.model, feeds) > 0.99
+    assert cosine(model, ran.model, feeds, each_feed=True) > 0.99
