@@ -232,7 +232,9 @@ def two_nodes(tmp: Path) -> dict:
         wall = time.perf_counter() - t0
         ray.shutdown()
     ex = two.report["search"]["executor"]
-    return {"same_pipeline": one.pipeline == two.pipeline, "same_bytes": (tmp / "one.onnx").read_bytes()
+    failed = [t.get("error") for t in two.report["search"]["trials"] if t.get("error")]
+    return {"failed_jobs": len(failed), "first_failure": failed[0][:300] if failed else None,
+            "one_node_pipeline": one.pipeline, "same_pipeline": one.pipeline == two.pipeline, "same_bytes": (tmp / "one.onnx").read_bytes()
             == (tmp / "two.onnx").read_bytes(), "nodes": ex["nodes"], "nodes_used": ex["nodes_used"],
             "pipeline": two.pipeline, "wall_two_nodes": wall,
             "wall_one_node": one.report["search"]["seconds"]}

@@ -159,10 +159,10 @@ class _Search:
             return None
         return min(self.deadline, self.started + share * float(self.time_budget))
 
-    def _run(self, jobs: list[dict], what: str, until: float | None = None) -> list[tuple[dict, dict]]:
+    def _run(self, jobs: list[dict], what: str) -> list[tuple[dict, dict]]:
         """Run ``jobs`` (cache first), returning (job, result) pairs. Stopped by the
-        budget, the search is marked cut; stopped by the phase's own end (``until``), the
-        jobs left are dropped and the search goes on with what was measured."""
+        budget, the search is marked cut; a job holding ``until`` (its phase's end) that
+        could not start by then is dropped, and the search goes on with what was measured."""
         seen = {t["pipeline"] for t in self.trials}
         jobs = [{**j, "outputs": self.metric is not None and j["kind"] == "trial"} for j in jobs
                 if j["kind"] == "probe" or j["pipeline"] not in seen]
@@ -178,8 +178,7 @@ class _Search:
         if todo and not self.cut:
             with self.progress.task(what, len(jobs)) as advance:
                 advance(len(done))
-                stop = self.deadline if until is None else until
-                for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, stop):
+                for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, self.deadline):
                     self.jobs_run += 1
                     outputs = result.pop("outputs", None)
                     if outputs is not None and self.metric is not None:
@@ -189,8 +188,7 @@ class _Search:
                         self.cache.put(self._key(job), result)
                     done.append((job, {**result, "cached": False}))
                     advance(1)
-        if len(done) < len(jobs) and (self.deadline is not None and time.monotonic() >= self.deadline
-                                      or until is None):
+        if len(done) < len(jobs) and self.deadline is not None and time.monotonic() >= self.deadline:
             self.cut = True
         elif len(done) < len(jobs):
             self.notes.append(f"{what}: {len(jobs) - len(done)} of {len(jobs)} left out to keep time for what follows")
@@ -236,17 +234,20 @@ class _Search:
             watch = {"int8": [x.name for x in self.layers.compute], "int4": [x.name for x in self.layers.int4]}
             whole = [config_job(Config(b, label=f"{b} (whole model)"), watch=watch.get(b, ()))
                      for b in ("int8", "int4", "fp16") if b in self.families]
-            self._run(whole + preset_jobs(), "reference points")
+            self._run(whole, "each family on the whole model")
             quantizing = [f for f in self.families if f in ("int8", "int4")]
             only = {f: self._whole(f).get("changed") for f in quantizing}
             weights = [f for f in self.families if f in ("prune", "share")]
             probes = probe_jobs(quantizing, self.layers, only) + probe_jobs(weights, self.layers)
+            channels = probe_jobs(["channels"], self.layers) if "channels" in self.families else []
+            # the presets run beside the probes (and are never dropped for time: they are
+            # the comparison); the probes may start until half of the budget, channel
+            # probes until 60 %
             if self._remaining():
-                self._run(probes, "sensitivity probes", until=self._until(0.5))
-            if "channels" in self.families and self._remaining():
-                self._run(probe_jobs(["channels"], self.layers), "channel-group probes", until=self._until(0.6))
+                self._run(preset_jobs() + _until(probes, self._until(0.5)) + _until(channels, self._until(0.6)),
+                          "presets and sensitivity probes")
             if self._remaining():
-                self._run(self._allocate(), "candidates", until=self._until(0.85))
+                self._run(_until(self._allocate(), self._until(0.85)), "candidates")
             for _ in range(REFINE_ROUNDS):
                 if not self._remaining():
                     break
@@ -411,6 +412,10 @@ class _Search:
 
     def _finish(self) -> SearchResult:
         return finish(self)
+
+
+def _until(jobs: list[dict], until: float | None) -> list[dict]:
+    return [{**j, "until": until} for j in jobs]
 
 
 def _dc_label(prune, share) -> str:

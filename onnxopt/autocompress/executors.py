@@ -2,7 +2,8 @@
 tasks.
 
 Both offer :meth:`share` (put what every job reads somewhere once) and
-:meth:`map_unordered` (run jobs, yield each result as it is ready, stop at a deadline).
+:meth:`map_unordered` (run jobs, yield each result as it is ready, stop at a deadline;
+a job holding ``until`` is not started after that time).
 :class:`RayExecutor` starts a local Ray in-process with this machine's cores, or joins a
 running cluster (``address="auto"`` or ``ray://HOST:PORT``) without changing it; the
 shared data goes into the object store once and every task reads it from there. A worker
@@ -56,8 +57,11 @@ class InProcessExecutor:
     def map_unordered(self, fn: Callable, jobs: Sequence[dict], shared, deadline: float | None = None
                       ) -> Iterator[tuple[dict, dict]]:
         for job in jobs:
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return
+            if _expired(job, now):
+                continue
             yield job, fn(job, shared)
 
     def close(self) -> None:
@@ -115,7 +119,10 @@ class RayExecutor:
                 # ``workers`` bounds the parallelism even on a larger cluster
                 while queue and len(pending) < self.workers:
                     job = queue.pop(0)
-                    pending[remote.remote(fn, job, shared)] = job
+                    if not _expired(job, time.monotonic()):
+                        pending[remote.remote(fn, job, shared)] = job
+                if not pending:
+                    continue
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if timeout == 0.0:
                     return
@@ -141,6 +148,11 @@ class RayExecutor:
     def close(self) -> None:
         if self.started:
             self._ray.shutdown()
+
+
+def _expired(job: dict, now: float) -> bool:
+    """A job that may start only before ``job["until"]`` (a phase's end) and has not."""
+    return job.get("until") is not None and now >= job["until"]
 
 
 def ray_map_shards(fn: Callable, items: Sequence) -> list:
