@@ -2,7 +2,8 @@
 
 A pass manager applies named rewrite passes to a model and every result is checked
 against the original on onnxruntime. Start with :func:`optimize`; compose your own with
-:class:`Model`, :class:`PassManager` and :func:`validate`.
+:class:`Model`, :class:`PassManager` and :func:`validate`; let :func:`search` find the
+pipeline for an objective under a fidelity floor.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .validate import validate  # noqa: E402
 __all__ = [
     "__version__",
     "optimize",
+    "search",
     "load",
     "Model",
     "PassManager",
@@ -53,3 +55,13 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str):
+    # ``search`` lives in the autocompress sub-package, imported on first use only (it
+    # stays light: Ray is imported when a search runs on it, never here)
+    if name == "search":
+        from .autocompress import search
+
+        return search
+    raise AttributeError(f"module 'onnxopt' has no attribute {name!r}")

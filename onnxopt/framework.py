@@ -155,6 +155,9 @@ class PassContext:
     ``feeds``: the validation feeds (input name -> array) when the caller has them — a pass
     that re-checks a rewrite on onnxruntime runs it on these; None when validation will
     generate its feeds from the signature (``shapes``, ``seed``).
+    ``map_shards``/``shards``: ``map_shards(fn, items) -> results`` runs a plain function
+    over plain data, possibly in parallel (Ray tasks); a pass may cut data-parallel work
+    such as calibration statistics into ``shards`` parts with it. None: it runs here.
     """
 
     reference: Any = None
@@ -165,6 +168,8 @@ class PassContext:
     progress: Progress = field(default_factory=Progress)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt.passes"))
     seed: int = 0
+    map_shards: Callable[[Callable, list], list] | None = None
+    shards: int = 0
 
     def require_calibration(self, pass_name: str):
         """The calibration data, or a clear error naming the pass that needs it."""

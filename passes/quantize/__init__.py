@@ -242,6 +242,7 @@ class Quantize(Pass):
         o = self.opts
         tensors = calibration_tensors(work, index, full)
         observers, _, samples = collect(work, tensors, calibration, histogram=o.method != "minmax",
+                                        map_shards=ctx.map_shards, shards=ctx.shards,
                                         progress=ctx.progress)
         stats["calibration_samples"] = samples
         dtype = np.int8 if symmetric else np.uint8

@@ -39,6 +39,7 @@ __all__ = [
     "ChannelMeans",
     "QParams",
     "collect",
+    "collect_shard",
     "choose_range",
     "activation_qparams",
     "weight_scales",
@@ -109,12 +110,38 @@ class RangeObserver:
             centre = (new_lo + new_hi) / 2
             new_lo = min(new_lo, centre - width / 2)
             new_hi = max(new_hi, centre + width / 2)
-            edges = np.linspace(self.lo, self.hi, self.bins + 1)
-            centres = (edges[:-1] + edges[1:]) / 2
-            self.hist, _ = np.histogram(centres, bins=self.bins, range=(new_lo, new_hi), weights=self.hist)
+            self.hist = self._rebinned(new_lo, new_hi)
             self.lo, self.hi = new_lo, new_hi
         counts, _ = np.histogram(x, bins=self.bins, range=(self.lo, self.hi))
         self.hist += counts
+
+    def _rebinned(self, lo: float, hi: float) -> np.ndarray:
+        """This histogram's counts over ``[lo, hi]`` (a range holding its own), each bin's
+        count moved whole to the new bin of its centre."""
+        edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        counts, _ = np.histogram(centres, bins=self.bins, range=(lo, hi), weights=self.hist)
+        return counts
+
+    def merge(self, other: RangeObserver) -> None:
+        """Fold in the statistics of another part of the data (a shard). Min, max and the
+        counts are exact; the histograms are re-binned onto the union of their ranges by bin
+        centres, so ranges chosen from them (percentile, entropy, mse) differ from one
+        pass over all the data by at most about a bin of the wider range."""
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
+        self.nonfinite += other.nonfinite
+        self.sentinel += other.sentinel
+        if not self.keep_histogram or other.hist is None:
+            return
+        if self.hist is None:
+            self.hist, self.lo, self.hi = other.hist.copy(), other.lo, other.hi
+            return
+        lo, hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        mine = self.hist if (lo, hi) == (self.lo, self.hi) else self._rebinned(lo, hi)
+        self.hist = mine + (other.hist if (lo, hi) == (other.lo, other.hi) else other._rebinned(lo, hi))
+        self.lo, self.hi = lo, hi
 
     @property
     def empty(self) -> bool:
@@ -150,6 +177,18 @@ class ChannelMeans:
             self.sum += s
         self.count += moved.shape[1]
 
+    def merge(self, other: ChannelMeans) -> None:
+        """Fold in another shard's sums (exact)."""
+        if other.sum is None:
+            return
+        if self.sum is None:
+            self.sum = other.sum.copy()
+        elif self.sum.shape == other.sum.shape:
+            self.sum = self.sum + other.sum
+        else:
+            return
+        self.count += other.count
+
     def mean(self) -> np.ndarray | None:
         if self.sum is None or self.count == 0:
             return None
@@ -157,12 +196,19 @@ class ChannelMeans:
 
 
 def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, histogram: bool,
-            progress=None, channel_axes: dict[str, int] | None = None
-            ) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
+            progress=None, channel_axes: dict[str, int] | None = None, map_shards=None,
+            shards: int = 0) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
     """Run ``model`` over the calibration samples, one at a time, and fold the tensors
     ``names`` into :class:`RangeObserver` s (and ``channel_axes`` tensors into
     :class:`ChannelMeans`). Returns the observers, the channel means and the number of
-    samples read."""
+    samples read.
+
+    With ``map_shards`` (``map_shards(fn, items) -> results``, e.g. Ray tasks) and
+    ``shards`` > 1, the samples are cut into that many consecutive shards, each shard's
+    statistics computed by one call and the results merged in order
+    (:meth:`RangeObserver.merge`)."""
+    if map_shards is not None and shards > 1 and (_length(calibration) or 0) >= 2 * shards:
+        return _collect_sharded(model, names, calibration, histogram, channel_axes, map_shards, shards)
     observers = {n: RangeObserver(histogram) for n in names}
     means = {n: ChannelMeans(a) for n, a in (channel_axes or {}).items()}
     wanted = list(dict.fromkeys(list(names) + list(means)))
@@ -184,6 +230,32 @@ def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, 
         if task is not None:
             task.__exit__(None, None, None)
     return observers, means, samples
+
+
+def _collect_sharded(model, names, calibration, histogram, channel_axes, map_shards, shards):
+    samples = list(calibration)
+    bounds = np.linspace(0, len(samples), shards + 1).astype(int)
+    data = model.to_bytes()
+    jobs = [(data, list(names), histogram, dict(channel_axes or {}), samples[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    observers, means, total = None, None, 0
+    for part_observers, part_means, count in map_shards(collect_shard, jobs):
+        if observers is None:
+            observers, means = part_observers, part_means
+        else:
+            for n, obs in part_observers.items():
+                observers[n].merge(obs)
+            for n, m in part_means.items():
+                means[n].merge(m)
+        total += count
+    return observers, means, total
+
+
+def collect_shard(job: tuple) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
+    """One shard's statistics: ``job`` is (model bytes, tensor names, histogram?, channel
+    axes, samples); a plain function of plain data, so that it runs as a remote task."""
+    data, names, histogram, channel_axes, samples = job
+    return collect(Model.load(data), names, samples, histogram=histogram, channel_axes=channel_axes)
 
 
 def _length(calibration) -> int | None:
