@@ -1,47 +1,30 @@
 """fold-constants: evaluate what does not depend on the model's inputs.
 
 A node whose inputs are all constant computes the same tensor on every run: it is
-evaluated once here and replaced by that tensor. The same holds for shape arithmetic
-once shapes are inferred: ``Shape(x)`` is constant where ``x``'s dimensions are static,
-and so is a ``Gather``/``Slice`` picking only static dimensions out of it — but a
-dynamic dimension is never frozen. A ``Reshape`` target assembled from the data's own
-dimensions (``Concat(Shape(x)[0:2], [-1])``, Paddle's and PyTorch's way of writing
-"keep the batch") becomes a constant with 0 (copy) entries, so the chain goes away
-while the dimensions stay dynamic. Constant nodes become initializers.
+evaluated once here and replaced by that tensor. The same holds for shape arithmetic over
+static dimensions (``Shape(x)``, and a ``Gather``/``Slice`` picking only static dimensions
+out of it) — a dynamic dimension is never frozen: a ``Reshape`` target assembled from the
+data's own dimensions becomes a constant with 0 (copy) entries. Constant nodes become
+initializers. Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`.
 
-Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`: inference on the graph itself,
-never declared value_info or output shapes (exporters declare shapes that the graph does
-not compute), nothing inside Loop/Scan bodies, and no dimension spelled ``-1`` or ``?``.
+Values are computed by onnxruntime's own kernels (single-node sessions, reused across
+nodes of one signature): the model is validated and served on onnxruntime, so the folded
+values are the ones it would compute.
 
-Evaluation uses onnxruntime, one single-node session per distinct node signature
-(op, attributes, input types), reused across nodes: the model is validated and served
-on onnxruntime, so the folded values are the ones its kernels compute; it covers every
-standard operator and type the model can run with (the onnx reference evaluator has
-gaps and its own numerics), and it is fast (a session is ~0.3 ms, a run microseconds;
-the reference evaluator's pure-numpy Conv or Resize is orders of magnitude slower).
+Never folded: other domains than the standard one, non-deterministic ops,
+QuantizeLinear/DequantizeLinear (a quantized weight folded back to float undoes the
+quantization), If/Loop/Scan (their bodies are folded instead), results that are not plain
+numeric tensors, and results that would inflate the file: above ``size_limit`` bytes unless
+no larger than the constant inputs they replace, or adding more than ``grow_limit`` bytes
+beyond the constant inputs only they read — unless the group of folds a result joins (slices
+of a weight joined again into one tensor) adds no more than that as a whole. Two kinds of
+shape values stay computed because onnxruntime checks a constant more strictly than a
+computed value: those reaching an If condition, and those on the way to a Range operand
+that is not a scalar. Each skipped node is counted by reason in the stats.
 
-Never folded: nodes of other domains than the standard one (custom ops are not ours to
-evaluate), non-deterministic ops (Random*, Multinomial, Bernoulli, Dropout),
-QuantizeLinear/DequantizeLinear (folding a quantized weight back to float undoes the
-quantization and hides the Q/DQ pattern onnxruntime runs as int8), If/Loop/Scan (their
-bodies are folded instead, outer-scope constants included), results that are not plain
-numeric tensors (sequences, strings, bfloat16 ...), and results above ``size_limit``
-bytes unless they are no larger than the constant inputs they replace — folding a
-``ConstantOfShape``/``Expand``/``Tile``/``Range`` must not inflate the file. A fold may
-also add at most ``grow_limit`` bytes beyond the constant inputs only it reads: slices of
-one shared weight would otherwise copy bytes the weight still holds (silero-vad grew by
-40 % that way). A fold refused by that rule alone is kept when the group of folds it joins
-(folded nodes linked by the values they pass on) adds at most ``grow_limit`` bytes as a
-whole — what the group writes, less the constants only it reads: slicing a weight into
-pieces that are joined again into one tensor (an LSTM's gates put in ONNX order) writes
-the pieces nowhere and replaces the weight. Sizes are
-checked before evaluating where inference knows the shape, so a huge result is never
-allocated. Each skipped node is counted by reason in the stats and logged at DEBUG.
-
-Initializers listed as graph inputs (IR < 4) are not constant: a user may feed them. IR
-< 4 models cannot hold initializers that are not graph inputs, so there folded values
-stay Constant nodes. A folded tensor that is a graph output keeps its name as the
-output of a Constant node. Nodes and initializers that only fed folded nodes are removed.
+Initializers listed as graph inputs (IR < 4) are not constant: a user may feed them; IR < 4
+models keep folded values as Constant nodes. A folded graph output keeps its name. Nodes and
+initializers that only fed folded nodes are removed.
 """
 
 from __future__ import annotations
@@ -184,7 +167,6 @@ class _FoldPlanner:
 
     @cached_property
     def range_cone(self) -> set[int]:
-        """Built on first use, like the shape index it needs."""
         if not any(n.op == "Range" for g in self.graphs for n in g.nodes):
             return set()
         return _range_cone(self.graphs, self.index)
@@ -556,13 +538,9 @@ def _condition_cone(graphs: list[gs.Graph]) -> set[int]:
 
 
 def _range_cone(graphs: list[gs.Graph], index: ShapeIndex) -> set[int]:
-    """ids of the nodes that a Range operand of rank other than 0 depends on.
-
-    Range takes scalars; exporters feed it one-element vectors computed from a shape,
-    which onnxruntime accepts. Once every value on the way is constant, onnxruntime folds
-    them at load time, its shape inference then reads the stored vector, and the model
-    no longer loads. A value that only shape inference makes constant must not start
-    such a chain."""
+    """ids of the nodes that a Range operand of rank other than 0 depends on. Range takes
+    scalars; onnxruntime accepts a one-element vector computed from a shape, but refuses to
+    load a stored one where its shape inference can read it (e.g. inside a branch)."""
     return _cone([t for g in graphs for n in g.nodes if n.op == "Range"
                   for t in n.inputs[:3] if t.name and index.rank(t) != 0])
 
