@@ -4,7 +4,9 @@ Every op of the main graph that computes on float32 runs in float16, except an e
 block list of ops that are numerically unsafe in half precision (Exp, Log, Pow, sums of
 squares — they overflow) or have no float16 kernel or type constraint that allows it
 (NonMaxSuppression, TopK, RoiAlign, Range, CumSum, random generators ...), ops of other
-domains, and ops holding subgraphs (If/Loop/Scan bodies stay float32). Casts are inserted
+domains, quantization ops (a quantized model keeps its int8 parts and their float32 scales),
+ops reading a tensor whose type inference cannot tell, and ops holding subgraphs (If/Loop/Scan
+bodies stay float32). Casts are inserted
 only where a float16 tensor meets a float32 consumer or the reverse — at the graph's
 inputs and outputs (whose names and types do not change) and around blocked ops — so two
 consecutive float16 ops never Cast between them. Float constants read by float16 ops are
@@ -27,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, const_value, toposort
+from onnxopt.graph import NameAllocator, const_value, is_const, toposort
 from onnxopt.model import Model, node_subgraphs
 from onnxopt.rewrite import prune_unused
 from onnxopt.tensorinfo import ShapeIndex
@@ -45,6 +47,10 @@ DEFAULT_BLOCK = (
     "NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "ConstantOfShape", "EyeLike",
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
 )
+#: Standard ops that convert between float and integer data (a quantized model's): their
+#: scales stay as the quantize pass wrote them (float16 scales need opset 19).
+_QUANTIZATION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "ConvInteger", "QLinearConv", "QLinearMatMul")
 #: (op, input index) pairs that must stay float32 whatever the op computes in.
 _FP32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 
@@ -100,6 +106,10 @@ def _is_f32(t: gs.Tensor, index: ShapeIndex) -> bool:
         return False
 
 
+def _unknown_type(t: gs.Tensor, index: ShapeIndex) -> bool:
+    return bool(t.name) and t.dtype is None and index.dtype(t) is None and not is_const(t)
+
+
 def _select(graph: gs.Graph, index: ShapeIndex, block: set[str]) -> tuple[list[gs.Node], dict[str, int]]:
     """The main-graph nodes that compute in float16 (graph order), and the count of each
     reason a float32 node stays float32."""
@@ -128,8 +138,12 @@ def _select(graph: gs.Graph, index: ShapeIndex, block: set[str]) -> tuple[list[g
             reason = "holds a subgraph"
         elif node.op in block:
             reason = f"{node.op} is in the block list"
+        elif node.op in _QUANTIZATION:
+            reason = "quantization op"
         elif any(t.name and t.dtype is None and index.info(t) is None for t in node.outputs):
             reason = "unknown output type"
+        elif any(_unknown_type(t, index) for t in node.inputs):
+            reason = "input of unknown type"  # e.g. from an op of another domain: no Cast could be placed
         if reason:
             kept[reason] = kept.get(reason, 0) + 1
             log.debug("fp16: %s (%s) stays float32: %s", node.name, node.op, reason)

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxopt
 from onnxopt import Model
 from onnxopt.validate import available_providers, compare_outputs, run_model
 from tests.helpers import io_signature, real_model, run_pass, with_weights
@@ -52,6 +53,22 @@ def test_blocked_ops_stay_float32_and_consecutive_fp16_ops_do_not_cast_between()
     got = run_model(ran.model, X | {"x": X["x"][:, :8]})["y"]
     ref = run_model(model, {"x": X["x"][:, :8]})["y"]
     assert np.allclose(got, ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("quantize", ["quantize(mode=static)", "quantize(mode=dynamic)",
+                                      "quantize(mode=weight-only,bits=4,block_size=16)"])
+def test_a_quantized_model_keeps_its_int8_parts_in_float32(quantize):
+    """The Q/DQ ops keep their float32 scales (float16 ones need opset 19), and an op that
+    reads the output of an op of another domain (MatMulNBits: its type is unknown to
+    inference) stays float32 instead of reading it without a Cast."""
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((3, 16)).astype(np.float32)} for _ in range(8)]
+    quantized, _ = onnxopt.optimize(MLP, quantize, calibration=calib, runs=0, min_cosine=0.9)
+    ran = run_pass("fp16", quantized)
+    kept = ran.stats.get("kept_fp32", {})
+    assert set(kept) & {"quantization op", "input of unknown type", "unknown output type"}
+    got = run_model(ran.model, X)["y"]  # loads and runs on onnxruntime
+    assert compare_outputs("y", run_model(quantized, X)["y"], got, exact=False).cosine > 0.999
 
 
 def test_user_block_list():
