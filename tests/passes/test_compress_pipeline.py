@@ -16,8 +16,9 @@ from models.fetch import light_models
 from onnxopt import Model, PassManager, optimize
 from onnxopt.cli import main
 from onnxopt.validate import available_providers
-from tests.helpers import io_signature, real_model
+from tests.helpers import io_signature
 from tests.passes.compress_helpers import weights
+from tests.real_models import real_model
 
 PIPELINE = "prune-magnitude(sparsity=0.9),share-weights(bits=5)"
 

@@ -11,16 +11,8 @@ from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.model import iter_graphs
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    ops,
-    parse,
-    real_model,
-    run_pass,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def test_merges_duplicates_and_the_chains_they_make_identical():

@@ -17,16 +17,8 @@ from onnxopt.errors import PipelineError
 from onnxopt.fingerprint import content_bytes, fingerprint, signature
 from onnxopt.framework import get_pass
 from onnxopt.model import ExternalValues, extras, iter_graphs
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    parse,
-    real_model,
-    run_pass,
-    with_weights,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, parse, run_pass, with_weights
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def _initializer_names(model: Model) -> list[str]:

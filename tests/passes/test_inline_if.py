@@ -12,7 +12,8 @@ import pytest
 from onnxopt import Model, PassManager
 from onnxopt.framework import PassContext
 from onnxopt.model import iter_graphs
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import real_model
 
 F32 = np.float32
 
@@ -286,7 +287,7 @@ def test_is_idempotent_and_part_of_the_default_preset():
 
 @pytest.mark.parametrize("rate", [16000, 8000])
 def test_silero_vad_inlines_its_lstm_branch_and_shrinks(rate):
-    from tests.helpers import silero_feeds
+    from tests.real_models import silero_feeds
 
     proto = onnx.load(real_model("silero-vad"))
     model = Model.from_proto(proto)

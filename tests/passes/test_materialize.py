@@ -12,7 +12,7 @@ from models import builders
 from models.ocr import ocr_feeds
 from onnxopt import Model
 from tests.conformance.conformance import check_pipeline_on
-from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
+from tests.helpers import io_signature, parse, run_pass
 from tests.passes.compress_helpers import (
     assert_identical,
     assert_identical_outputs,
@@ -22,6 +22,7 @@ from tests.passes.compress_helpers import (
     values,
     weights,
 )
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 RNG = np.random.default_rng(2)
 W0 = RNG.standard_normal((32, 24)).astype(np.float32)

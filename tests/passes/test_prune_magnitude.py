@@ -16,7 +16,7 @@ from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
-from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass, with_weights
+from tests.helpers import io_signature, parse, run_pass, with_weights
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
     decoder_nodes,
@@ -26,6 +26,7 @@ from tests.passes.compress_helpers import (
     values,
     weights,
 )
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 RNG = np.random.default_rng(7)
 W0 = RNG.standard_normal((32, 24)).astype(np.float32)

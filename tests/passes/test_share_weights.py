@@ -13,7 +13,7 @@ from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
-from tests.helpers import cosine, io_signature, parse, real_model, run_pass, with_weights
+from tests.helpers import cosine, io_signature, parse, run_pass, with_weights
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
     optimized_ops,
@@ -23,6 +23,7 @@ from tests.passes.compress_helpers import (
     values,
     weights,
 )
+from tests.real_models import real_model
 
 RNG = np.random.default_rng(21)
 W0 = RNG.standard_normal((32, 24)).astype(np.float32)
