@@ -11,7 +11,7 @@ from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
 from onnxopt.weights.compression_pass import Decision, WeightCompressionPass, selection_options
 from tests.helpers import with_weights
-from tests.passes.compress_helpers import assert_identical_outputs, storages, weights
+from tests.passes import compress_helpers as compress
 from tests.weights.helpers import mlp
 
 
@@ -57,9 +57,9 @@ def test_run_writes_the_decided_values_and_reports_per_layer(rng):
     result = _Halve(min_size=0, layers=["w1=0.25"]).run(out, PassContext(reference=model))
     assert result.modified
     halves = {"w0": np.round(w0 * 2) / 2, "w1": np.round(w1 * 4) / 4}
-    got = weights(out)
+    got = compress.weights(out)
     assert all(np.array_equal(got[k], v) for k, v in halves.items())
-    assert set(storages(out).values()) == {"dense-idx"}
+    assert set(compress.storages(out).values()) == {"dense-idx"}
     stats = result.stats
     assert list(stats) == ["layers_halved", "storages", "skipped", "layers", "total"]
     assert stats["storages"] == {"dense-idx": 2} and stats["skipped"] == {}
@@ -70,7 +70,7 @@ def test_run_writes_the_decided_values_and_reports_per_layer(rng):
     assert rows["w0"]["extra"] == 1 and rows["w0"]["storage"] == "dense-idx"
     assert stats["total"]["original_file_bytes"] == len(model.to_bytes())
     feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32)}
-    assert_identical_outputs(out, with_weights(model, **halves), feeds)
+    compress.assert_identical_outputs(out, with_weights(model, **halves), feeds)
 
 
 def test_run_without_writes_changes_nothing(rng):
