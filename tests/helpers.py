@@ -92,9 +92,13 @@ def outputs(model: Model, feeds: dict) -> dict:
     return run_model(model, feeds)
 
 
-def assert_same_outputs(ref: Model, cand: Model, feeds: dict | None = None, *, shapes=None,
-                        rtol: float = 1e-4, atol: float = 1e-5) -> dict:
-    """Run both models on onnxruntime (same feeds) and require equal outputs."""
+def assert_same_outputs(ref: Model, cand: Model, feeds: dict | list[dict] | None = None, *, shapes=None,
+                        rtol: float = 1e-4, atol: float = 1e-5) -> dict | list[dict]:
+    """Run both models on onnxruntime (same feeds) and require equal outputs; returns
+    ``cand``'s outputs. ``feeds`` may be a list, each feed run and compared (one per
+    branch an If can take, say); then the outputs come back as a list too."""
+    if isinstance(feeds, list):
+        return [assert_same_outputs(ref, cand, f, rtol=rtol, atol=atol) for f in feeds]
     if feeds is None:
         feeds, _ = random_feeds(ref, shapes)
     a = outputs(ref, feeds)

@@ -247,8 +247,8 @@ _IF_MODEL = """
 """
 
 
-def _if_feeds(flag: bool) -> dict:
-    return {"c": np.array(flag), "x": np.array([3.0, -4.0], np.float32)}
+#: One feed per branch of the Ifs on ``c``: true, then false.
+_BOTH_BRANCHES = [{"c": np.array(flag), "x": np.array([3.0, -4.0], np.float32)} for flag in (True, False)]
 
 
 def test_subgraph_constants_read_the_outer_copy():
@@ -261,8 +261,7 @@ def test_subgraph_constants_read_the_outer_copy():
     assert then_g.nodes[0].inputs[1] is extras(ran.model.graph).initializers[0]
     proto = ran.model.to_proto()
     assert [i.name for i in proto.graph.initializer] == ["outer"]
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_outer_constant_is_never_replaced_by_an_inner_one():
@@ -301,8 +300,7 @@ def test_outer_constant_node_before_the_body_is_shared():
     """)
     ran = run_pass("dedup-weights", model)
     assert ran.stats["initializers_merged"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_sibling_bodies_do_not_share():
@@ -318,8 +316,7 @@ def test_sibling_bodies_do_not_share():
     """)
     ran = run_pass("dedup-weights", model)
     assert not ran.modified and ran.stats["skipped_out_of_scope"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_duplicates_within_one_body_merge():
@@ -336,8 +333,7 @@ def test_duplicates_within_one_body_merge():
     """)
     ran = run_pass("dedup-weights", model)
     assert ran.stats["initializers_merged"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_a_name_shadowed_in_between_blocks_the_merge():
