@@ -14,8 +14,6 @@ from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
 from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
-from onnxopt.errors import PipelineError
-from onnxopt.framework import get_pass
 from tests.helpers import io_signature, parse, run_pass, with_weights
 from tests.passes import compress_helpers as compress
 from tests.real_models import REAL_MODEL_NAMES, real_model
@@ -206,23 +204,6 @@ def test_ir3_weights_listed_as_inputs_are_overridable_and_skipped():
         assert not ran.modified
         assert set(ran.stats["skipped"]) <= {"overridable (graph input)", "not a constant"}
         assert io_signature(ran.model) == io_signature(model)
-
-
-@pytest.mark.parametrize("options, message", [
-    ({"sparsity": 0.5, "threshold": 0.1}, "give one of sparsity, threshold or pattern"),
-    ({"pattern": "4:2"}, "pattern must be N:M"),
-    ({"pattern": "two:four"}, "pattern must be N:M"),
-    ({"threshold_unit": "std"}, "threshold_unit needs a threshold"),
-    ({"ops": ["Relu"]}, "ops must be among"),
-    ({"exclude": ["("]}, "bad name pattern"),
-    ({"layers": ["w0"]}, "not PATTERN=VALUE"),
-    ({"layers": ["w0=2"]}, "value must be in"),
-    ({"sparsity": 1.5}, "must be <="),
-    ({"scope": "model"}, "must be one of"),
-])
-def test_bad_options_are_one_clear_error(options, message):
-    with pytest.raises(PipelineError, match=message):
-        get_pass("prune-magnitude")(**options)
 
 
 def test_is_idempotent_and_deterministic():

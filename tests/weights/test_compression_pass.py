@@ -1,5 +1,6 @@
 """onnxopt.weights.compression_pass: the shared option block, the find -> select -> decide
--> write -> report run, and the order in which options are checked."""
+-> write -> report run, the order in which options are checked, and the bad options of
+each compression pass (shared block and its own) refused with one clear error."""
 
 from __future__ import annotations
 
@@ -79,6 +80,28 @@ def test_run_without_writes_changes_nothing(rng):
     result = _Halve(write=False, min_size=10_000).run(model, PassContext())
     assert not result.modified and model.to_bytes() == before
     assert result.stats == {"layers_halved": 0, "storages": {}, "skipped": {"smaller than min_size": 2}}
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("prune-magnitude", {"sparsity": 0.5, "threshold": 0.1}, "give one of sparsity, threshold or pattern"),
+    ("prune-magnitude", {"pattern": "4:2"}, "pattern must be N:M"),
+    ("prune-magnitude", {"pattern": "two:four"}, "pattern must be N:M"),
+    ("prune-magnitude", {"threshold_unit": "std"}, "threshold_unit needs a threshold"),
+    ("prune-magnitude", {"ops": ["Relu"]}, "ops must be among"),
+    ("prune-magnitude", {"exclude": ["("]}, "bad name pattern"),
+    ("prune-magnitude", {"layers": ["w0"]}, "not PATTERN=VALUE"),
+    ("prune-magnitude", {"layers": ["w0=2"]}, "value must be in"),
+    ("prune-magnitude", {"sparsity": 1.5}, "must be <="),
+    ("prune-magnitude", {"scope": "model"}, "must be one of"),
+    ("share-weights", {"bits": 1}, "must be >="),
+    ("share-weights", {"bits": 9}, "must be <="),
+    ("share-weights", {"init": "random"}, "must be one of"),
+    ("share-weights", {"layers": ["w0=12"]}, "value must be in"),
+    ("share-weights", {"ops": ["Add"]}, "ops must be among"),
+])
+def test_bad_options_of_each_pass_are_one_clear_error(name, options, message):
+    with pytest.raises(PipelineError, match=message):
+        get_pass(name)(**options)
 
 
 def test_a_pass_checks_its_own_options_before_the_selection():
