@@ -183,6 +183,13 @@ class _FoldPlanner:
         self.growing: set[int] = set()  # folds refused by the grow rule alone, pending their group
 
     @cached_property
+    def range_cone(self) -> set[int]:
+        """Built on first use, like the shape index it needs."""
+        if not any(n.op == "Range" for g in self.graphs for n in g.nodes):
+            return set()
+        return _range_cone(self.graphs, self.index)
+
+    @cached_property
     def index(self) -> ShapeIndex:
         """Built on first use: a graph with nothing to fold (the last round of a fixed
         point) needs no shape inference."""
@@ -378,6 +385,9 @@ class _FoldPlanner:
             if shape is not None and id(node) in self.cone:
                 self.skip(node, "if_condition")
                 return True
+            if shape is not None and id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
+                return True
             if shape is not None and self.needed(node):
                 self._record(node, [np.array(int(np.prod(shape, dtype=np.int64)), np.int64)], shape=True)
                 return True
@@ -403,6 +413,9 @@ class _FoldPlanner:
                 return True
             if id(node) in self.cone:
                 self.skip(node, "if_condition")
+                return True
+            if id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
                 return True
             self._record(node, [result.value()], shape=True)
         else:
@@ -539,8 +552,25 @@ def _condition_cone(graphs: list[gs.Graph]) -> set[int]:
     Range fed a 1-element vector inside a branch) would stop loading. Folding constant
     nodes changes nothing there (onnxruntime folds them too), but a value that only
     shape inference makes constant must not reach a condition."""
+    return _cone([n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs])
+
+
+def _range_cone(graphs: list[gs.Graph], index: ShapeIndex) -> set[int]:
+    """ids of the nodes that a Range operand of rank other than 0 depends on.
+
+    Range takes scalars; exporters feed it one-element vectors computed from a shape,
+    which onnxruntime accepts. Once every value on the way is constant, onnxruntime folds
+    them at load time, its shape inference then reads the stored vector, and the model
+    no longer loads. A value that only shape inference makes constant must not start
+    such a chain."""
+    return _cone([t for g in graphs for n in g.nodes if n.op == "Range"
+                  for t in n.inputs[:3] if t.name and index.rank(t) != 0])
+
+
+def _cone(starts: list[gs.Tensor]) -> set[int]:
+    """ids of the nodes that the tensors ``starts`` depend on."""
     cone: set[int] = set()
-    stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs]
+    stack = list(starts)
     while stack:
         t = stack.pop()
         for p in t.inputs:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models import builders
 from models.digits import accuracy, digits_split
 from models.fetch import light_models
-from onnxopt import Model
+from onnxopt import Model, PassManager
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass, parse_pipeline
 from onnxopt.graph import const_value
@@ -178,6 +178,42 @@ def test_shape_values_do_not_become_an_if_condition():
     assert ran.stats["skipped_if_condition"] == 1
     assert "Size" in ops(ran.model) and "Equal" in ops(ran.model)
     assert_same_outputs(model, ran.model)
+
+
+RANGE_IN_A_BRANCH = """
+    <ir_version: 9, opset_import: ["" : 18]>
+    g (float[N,3] x, bool c) => (float[M] y)
+    {
+        s2 = Shape<start = 1>(x)
+        y = If(c) <then_branch = t () => (float[M] a) {
+                      zero = Constant<value = int64 {0}>()
+                      one = Constant<value = int64 {1}>()
+                      ai = Range(zero, s2, one)
+                      a = Cast<to = 1>(ai)
+                   },
+                   else_branch = e () => (float[M] b) { b = ReduceSum<keepdims = 0>(x) }>
+    }
+"""
+RANGE_FEEDS = {"x": np.ones((2, 3), np.float32), "c": np.array(True)}
+
+
+def test_a_one_element_vector_feeding_range_stays_computed():
+    """Range takes scalars; onnxruntime accepts a one-element vector computed from a shape,
+    but refuses to load one stored where the Range is (here, inside the branch that reads
+    it): the vector must keep coming from x's shape."""
+    model = parse(RANGE_IN_A_BRANCH)
+    ran = run_pass("fold-constants", model)
+    assert ran.stats["skipped_range_operand_not_scalar"] == 1
+    assert "Shape" in ops(ran.model)
+    assert_same_outputs(model, ran.model, RANGE_FEEDS)
+
+
+def test_default_keeps_a_range_in_a_branch_loadable():
+    model = parse(RANGE_IN_A_BRANCH)
+    out = Model.from_proto(model.to_proto())
+    PassManager("default").run(out)
+    assert "Shape" in ops(out)
+    assert_same_outputs(model, out, RANGE_FEEDS)
 
 
 # ---- size cap -------------------------------------------------------------------------
