@@ -709,8 +709,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Rewriter:
-    """Applies a plan to the model and graphs it was made for."""
-
     def __init__(self, plan: _FoldPlanner, stats: Counter):
         self.plan = plan
         self.model = plan.model
