@@ -110,7 +110,7 @@ class FoldConstants(Pass):
                          "nodes_removed": 0, "constants_created": 0, "bytes_created": 0,
                          "initializers_released": 0})
         stats.update(plan.skipped)
-        _Rewriter(model, graphs, plan, stats).apply(self.opts.constant_nodes)
+        _Rewriter(plan, stats).apply(self.opts.constant_nodes)
         modified = bool(stats["nodes_removed"] or stats["reshape_targets"] or stats["constant_nodes"]
                         or stats["folded"])
         return PassResult(modified=modified, stats=dict(stats))
@@ -687,12 +687,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Rewriter:
-    def __init__(self, model: Model, graphs: list[gs.Graph], plan: _FoldPlanner, stats: Counter):
-        self.model = model
-        self.graphs = graphs
+    def __init__(self, plan: _FoldPlanner, stats: Counter):
         self.plan = plan
+        self.model = plan.model
+        self.graphs = plan.graphs
         self.stats = stats
-        self.as_nodes = model.ir_version < 4  # IR < 4: every initializer must be a graph input
+        self.as_nodes = self.model.ir_version < 4  # IR < 4: every initializer must be a graph input
         self._names: NameAllocator | None = None
         self.dead: set[int] = set()
         self.replacement: dict[int, list[gs.Node]] = {}  # id(node) -> Constant nodes put before it

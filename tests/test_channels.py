@@ -19,7 +19,8 @@ from onnxopt.cli import main
 from onnxopt.data import random_feeds
 from onnxopt.graph import const_through_shape_ops
 from onnxopt.validate import compare_outputs, run_model
-from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model
+from tests.helpers import io_signature, parse
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 PPOCR_SHAPES = {"ppocr-det": (1, 3, 96, 128), "ppocr-rec": (1, 3, 48, 160), "ppocr-cls": (1, 3, 48, 192)}
 

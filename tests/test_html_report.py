@@ -20,7 +20,8 @@ from models import builders
 from onnxopt import optimize
 from onnxopt.cli import main
 from tests import html_pages
-from tests.helpers import ROOT, real_model
+from tests.helpers import ROOT
+from tests.real_models import real_model
 
 pytest.importorskip("matplotlib", reason="the HTML report needs the 'report' extra (matplotlib)")
 

@@ -12,27 +12,14 @@ import onnx
 import pytest
 from onnx import helper
 
-from tests.large_model import COLS, ROWS, TABLES, write_tables
-
-
-def _write_large_model(folder):
-    _, inits = write_tables(folder)
-    nodes = [helper.make_node("Gather", [f"table{t}", "idx"], [f"g{t}"]) for t in range(TABLES)]
-    nodes += [helper.make_node("Sum", [f"g{t}" for t in range(TABLES)], ["y"]),
-              helper.make_node("Neg", ["g0"], ["dead"])]
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, [2])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, COLS])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = folder / "big.onnx"
-    path.write_bytes(model.SerializeToString())
-    return path
+from tests.large_model import COLS, ROWS, TABLES, write_model
 
 
 @pytest.mark.slow
 def test_model_over_2gb_goes_through_dead_nodes_with_external_data(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    path = _write_large_model(src)
+    path, _ = write_model(src, [helper.make_node("Sum", [f"g{t}" for t in range(TABLES)], ["y"])])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "big.opt.onnx"

@@ -10,7 +10,7 @@ import pytest
 from models import digits
 from models.ocr import SIZES, cls_labels, ctc_decode, mask_iou, ocr_feeds
 from onnxopt.validate import make_session
-from tests.helpers import real_model
+from tests.real_models import real_model
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))

@@ -14,7 +14,8 @@ from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.graph_extras import extras
 from onnxopt.proto_convert import graph_from_proto, graph_to_proto, norm_domain
-from tests.helpers import assert_same_outputs, parse, real_model
+from tests.helpers import assert_same_outputs, parse
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def _roundtrip(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -33,7 +34,7 @@ def test_light_models_round_trip_unchanged(path):
     assert _roundtrip(proto) == proto
 
 
-@pytest.mark.parametrize("name", ["ppocr-det", "ppocr-rec", "ppocr-cls"])
+@pytest.mark.parametrize("name", REAL_MODEL_NAMES)
 def test_real_models_round_trip_unchanged(name):
     proto = onnx.load(real_model(name))
     assert _roundtrip(proto) == proto

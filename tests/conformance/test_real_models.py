@@ -13,7 +13,7 @@ from models.fetch import light_models
 from onnxopt import Model, PassManager
 from onnxopt.data import random_feeds
 from tests.conformance.conformance import EXACT_PASSES, PIPELINES, check_pipeline_on
-from tests.helpers import REAL_MODEL_NAMES, real_model
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
@@ -44,7 +44,7 @@ def test_ppocr_model(name, pipeline):
 @pytest.mark.parametrize("pipeline", REAL_PIPELINES)
 @pytest.mark.parametrize("rate", [16000, 8000])
 def test_silero_vad_nested_if_bodies(rate, pipeline):
-    from tests.helpers import silero_feeds
+    from tests.real_models import silero_feeds
 
     proto = onnx.load(real_model("silero-vad"))
     result = check_pipeline_on(proto, silero_feeds(rate), pipeline=pipeline, rtol=1e-3, atol=1e-5)

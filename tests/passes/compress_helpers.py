@@ -1,6 +1,9 @@
 """Helpers for the compression tests: weights written into ONNX text, a two-layer model
 with given weights, weight values read back, onnxruntime's optimized graph, and
-bit-identical outputs (models with given dense weights: ``tests.helpers.with_weights``)."""
+bit-identical outputs (models with given dense weights: ``tests.helpers.with_weights``).
+
+Tests read them through the module, ``from tests.passes import compress_helpers as compress``,
+so that ``compress.weights(model)`` says where a name comes from."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt import Model
+from onnxopt.graph import iter_nodes
 from onnxopt.weights.sites import find_weights
 from tests.helpers import parse
 
@@ -59,20 +63,8 @@ def optimized_ops(model: Model | bytes, level: str = "basic") -> list[str]:
                                          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
         opts.optimized_model_filepath = path
         ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        proto = onnx.load(path)
-    ops = []
-
-    def walk(g):
-        for n in g.node:
-            ops.append(n.op_type)
-            for a in n.attribute:
-                if a.HasField("g"):
-                    walk(a.g)
-                for sub in a.graphs:
-                    walk(sub)
-
-    walk(proto.graph)
-    return ops
+        optimized = Model.from_proto(onnx.load(path))
+    return [n.op for _, n in iter_nodes(optimized)]
 
 
 def decoder_nodes(model: Model) -> int:

@@ -16,8 +16,9 @@ from models.fetch import light_models
 from onnxopt import Model, PassManager, optimize
 from onnxopt.cli import main
 from onnxopt.validate import available_providers
-from tests.helpers import io_signature, real_model
-from tests.passes.compress_helpers import weights
+from tests.helpers import io_signature
+from tests.passes import compress_helpers as compress
+from tests.real_models import real_model
 
 PIPELINE = "prune-magnitude(sparsity=0.9),share-weights(bits=5)"
 
@@ -72,7 +73,7 @@ def test_api_pipeline_with_materialize_gives_dense_shared_weights():
     model, report = optimize(digits_mlp(), "prune-magnitude(sparsity=0.5),share-weights(bits=5),materialize",
                              min_cosine=0.9, runs=0)
     assert report.passed
-    for value in weights(model).values():
+    for value in compress.weights(model).values():
         assert len(np.unique(value)) <= 32 and (value == 0).mean() >= 0.5
     assert [n.op for n in model.graph.nodes] == ["MatMul", "Add", "Relu", "MatMul", "Add", "Relu", "MatMul", "Add"]
 

@@ -11,16 +11,8 @@ from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.model import iter_graphs
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    ops,
-    parse,
-    real_model,
-    run_pass,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def test_merges_duplicates_and_the_chains_they_make_identical():
@@ -237,8 +229,8 @@ _TWO_IFS = """
 """
 
 
-def _if_feeds(flag: bool) -> dict:
-    return {"c": np.array(flag), "x": np.array([1.5, -2.0], np.float32)}
+#: One feed per branch of the Ifs on ``c``: true, then false.
+_BOTH_BRANCHES = [{"c": np.array(flag), "x": np.array([1.5, -2.0], np.float32)} for flag in (True, False)]
 
 
 def test_if_nodes_with_the_same_bodies_merge_whatever_their_tensor_names():
@@ -246,8 +238,7 @@ def test_if_nodes_with_the_same_bodies_merge_whatever_their_tensor_names():
     ran = run_pass("cse", model)
     assert ran.stats["nodes_merged"] == 1
     assert ops(ran.model) == ["If", "Sub"]
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_if_nodes_with_different_bodies_stay():
@@ -271,8 +262,7 @@ def test_bodies_with_their_own_equal_constants_compare_by_content():
     """)
     ran = run_pass("cse", model)
     assert ran.stats["nodes_merged"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_duplicates_inside_a_body_merge_and_outer_reads_keep_working():
@@ -291,8 +281,7 @@ def test_duplicates_inside_a_body_merge_and_outer_reads_keep_working():
     assert ran.stats["nodes_merged"] == 1
     then_g = next(g for g in iter_graphs(ran.model.graph) if g.name == "t")
     assert [n.op for n in then_g.nodes] == ["Mul", "Add"]
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_outer_merges_reach_the_bodies_that_read_them():
@@ -309,8 +298,7 @@ def test_outer_merges_reach_the_bodies_that_read_them():
     """)
     ran = run_pass("cse", model)
     assert ran.stats["nodes_merged"] == 2  # v into u, then the If that read v into the one reading u
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_control_flow_builder_stays_equivalent():

@@ -8,15 +8,8 @@ import pytest
 from models import builders
 from models.fetch import light_models
 from onnxopt import Model
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    parse,
-    real_model,
-    run_pass,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def test_removes_a_dead_chain_and_its_weight():

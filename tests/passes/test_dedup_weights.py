@@ -17,16 +17,8 @@ from onnxopt.errors import PipelineError
 from onnxopt.fingerprint import content_bytes, fingerprint, signature
 from onnxopt.framework import get_pass
 from onnxopt.model import ExternalValues, extras, iter_graphs
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    parse,
-    real_model,
-    run_pass,
-    with_weights,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, parse, run_pass, with_weights
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 
 def _initializer_names(model: Model) -> list[str]:
@@ -255,8 +247,8 @@ _IF_MODEL = """
 """
 
 
-def _if_feeds(flag: bool) -> dict:
-    return {"c": np.array(flag), "x": np.array([3.0, -4.0], np.float32)}
+#: One feed per branch of the Ifs on ``c``: true, then false.
+_BOTH_BRANCHES = [{"c": np.array(flag), "x": np.array([3.0, -4.0], np.float32)} for flag in (True, False)]
 
 
 def test_subgraph_constants_read_the_outer_copy():
@@ -269,8 +261,7 @@ def test_subgraph_constants_read_the_outer_copy():
     assert then_g.nodes[0].inputs[1] is extras(ran.model.graph).initializers[0]
     proto = ran.model.to_proto()
     assert [i.name for i in proto.graph.initializer] == ["outer"]
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_outer_constant_is_never_replaced_by_an_inner_one():
@@ -309,8 +300,7 @@ def test_outer_constant_node_before_the_body_is_shared():
     """)
     ran = run_pass("dedup-weights", model)
     assert ran.stats["initializers_merged"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_sibling_bodies_do_not_share():
@@ -326,8 +316,7 @@ def test_sibling_bodies_do_not_share():
     """)
     ran = run_pass("dedup-weights", model)
     assert not ran.modified and ran.stats["skipped_out_of_scope"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_duplicates_within_one_body_merge():
@@ -344,8 +333,7 @@ def test_duplicates_within_one_body_merge():
     """)
     ran = run_pass("dedup-weights", model)
     assert ran.stats["initializers_merged"] == 1
-    for flag in (True, False):
-        assert_same_outputs(model, ran.model, _if_feeds(flag))
+    assert_same_outputs(model, ran.model, _BOTH_BRANCHES)
 
 
 def test_a_name_shadowed_in_between_blocks_the_merge():

@@ -10,7 +10,8 @@ from models.digits import accuracy, digits_mlp, digits_split
 from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.framework import PassContext, get_pass
-from tests.helpers import io_signature, parse, real_model, run_pass
+from tests.helpers import io_signature, parse, run_pass
+from tests.real_models import real_model
 
 
 @pytest.fixture(scope="module")

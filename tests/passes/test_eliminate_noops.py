@@ -9,16 +9,8 @@ import pytest
 from models import builders
 from models.fetch import light_models
 from onnxopt import Model
-from tests.helpers import (
-    REAL_MODEL_NAMES,
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    ops,
-    parse,
-    real_model,
-    run_pass,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 F32 = np.float32
 HEAD = '<ir_version: 9, opset_import: ["" : 18]>'

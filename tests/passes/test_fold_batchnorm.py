@@ -12,16 +12,8 @@ from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.graph import const_value
 from onnxopt.model import iter_graphs
-from tests.helpers import (
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    ops,
-    parse,
-    real_model,
-    run_pass,
-    with_weights,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass, with_weights
+from tests.real_models import real_model
 
 
 def test_folds_conv_batchnorm_and_creates_the_bias():

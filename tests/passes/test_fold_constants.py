@@ -16,16 +16,9 @@ from onnxopt import Model, PassManager
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass, parse_pipeline
 from onnxopt.graph import const_value
-from tests.helpers import (
-    assert_same_outputs,
-    io_signature,
-    node_count,
-    ops,
-    parse,
-    real_model,
-    run_pass,
-    with_weights,
-)
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass, with_weights
+from tests.passes.test_inline_if import RANGE_IN_A_BRANCH
+from tests.real_models import real_model
 
 F32 = np.float32
 
@@ -188,21 +181,7 @@ def test_shape_values_do_not_become_an_if_condition():
     assert_same_outputs(model, ran.model)
 
 
-RANGE_IN_A_BRANCH = """
-    <ir_version: 9, opset_import: ["" : 18]>
-    g (float[N,3] x, bool c) => (float[M] y)
-    {
-        s2 = Shape<start = 1>(x)
-        y = If(c) <then_branch = t () => (float[M] a) {
-                      zero = Constant<value = int64 {0}>()
-                      one = Constant<value = int64 {1}>()
-                      ai = Range(zero, s2, one)
-                      a = Cast<to = 1>(ai)
-                   },
-                   else_branch = e () => (float[M] b) { b = ReduceSum<keepdims = 0>(x) }>
-    }
-"""
-RANGE_FEEDS = {"x": np.ones((2, 3), np.float32), "c": np.array(True)}
+RANGE_FEEDS = {"x": np.ones((2, 3), np.float32)}
 
 
 def test_a_one_element_vector_feeding_range_stays_computed():

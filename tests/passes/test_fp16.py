@@ -10,8 +10,9 @@ import pytest
 import onnxopt
 from onnxopt import Model
 from onnxopt.validate import available_providers, compare_outputs, run_model
-from tests.helpers import io_signature, real_model, run_pass, with_weights
+from tests.helpers import io_signature, run_pass, with_weights
 from tests.passes.test_quantize import RNG
+from tests.real_models import real_model
 
 
 def casts(model: Model) -> list:

@@ -14,7 +14,8 @@ from onnxopt import Model
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
 from onnxopt.graph import const_value
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import real_model
 
 F32 = np.float32
 

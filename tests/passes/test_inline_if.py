@@ -12,7 +12,8 @@ import pytest
 from onnxopt import Model, PassManager
 from onnxopt.framework import PassContext
 from onnxopt.model import iter_graphs
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
+from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, run_pass
+from tests.real_models import real_model
 
 F32 = np.float32
 
@@ -197,27 +198,31 @@ def test_names_defined_in_two_branches_stay_unique():
         assert_same_outputs(model, ran.model, {"x": np.ones((2, 2), F32), "flag": np.array(flag)})
 
 
+#: A Range fed a one-element tensor from the main graph, in a branch of an If that x's
+#: rank decides: onnxruntime accepts the vector in the branch, but refuses to load the
+#: model once the Range is in the main graph, or the vector stored beside it in the branch.
+RANGE_IN_A_BRANCH = """
+    <ir_version: 9, opset_import: ["" : 18]>
+    g (float[N,3] x) => (float[M] y)
+    {
+        s = Shape(x)
+        r = Size(s)
+        two = Constant<value = int64 {2}>()
+        c = Equal(r, two)
+        s2 = Shape<start = 1>(x)
+        y = If(c) <then_branch = t () => (float[M] a) {
+                      zero = Constant<value = int64 {0}>()
+                      one = Constant<value = int64 {1}>()
+                      ai = Range(zero, s2, one)
+                      a = Cast<to = 1>(ai)
+                   },
+                   else_branch = e () => (float[M] b) { b = ReduceSum<keepdims = 0>(x) }>
+    }
+"""
+
+
 def _range_model() -> onnx.ModelProto:
-    """A Range fed a one-element tensor from the main graph: onnxruntime accepts it in a
-    branch, but refuses it once the branch is part of the main graph."""
-    return onnx.parser.parse_model("""
-        <ir_version: 9, opset_import: ["" : 18]>
-        g (float[N,3] x) => (float[M] y)
-        {
-            s = Shape(x)
-            r = Size(s)
-            two = Constant<value = int64 {2}>()
-            c = Equal(r, two)
-            s2 = Shape<start = 1>(x)
-            y = If(c) <then_branch = t () => (float[M] a) {
-                          zero = Constant<value = int64 {0}>()
-                          one = Constant<value = int64 {1}>()
-                          ai = Range(zero, s2, one)
-                          a = Cast<to = 1>(ai)
-                       },
-                       else_branch = e () => (float[M] b) { b = ReduceSum<keepdims = 0>(x) }>
-        }
-    """)
+    return onnx.parser.parse_model(RANGE_IN_A_BRANCH)
 
 
 def test_an_inlining_onnxruntime_refuses_is_undone_with_its_reason():
@@ -286,7 +291,7 @@ def test_is_idempotent_and_part_of_the_default_preset():
 
 @pytest.mark.parametrize("rate", [16000, 8000])
 def test_silero_vad_inlines_its_lstm_branch_and_shrinks(rate):
-    from tests.helpers import silero_feeds
+    from tests.real_models import silero_feeds
 
     proto = onnx.load(real_model("silero-vad"))
     model = Model.from_proto(proto)

@@ -9,7 +9,8 @@ import pytest
 from models import builders
 from models.digits import accuracy, digits_mlp, digits_split
 from onnxopt import Model
-from tests.helpers import REAL_MODEL_NAMES, assert_same_outputs, io_signature, parse, real_model, run_pass
+from tests.helpers import assert_same_outputs, io_signature, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
 # neuron 2 = 2 x neuron 0 (weights and bias): after ReLU it is 2 x neuron 0.
 DUPLICATE = """

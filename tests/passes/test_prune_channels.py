@@ -16,7 +16,8 @@ from onnxopt.channels import analyze
 from onnxopt.errors import CalibrationError, PipelineError
 from onnxopt.framework import PassContext
 from onnxopt.validate import compare_outputs, run_model
-from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
+from tests.helpers import io_signature, parse, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 from tests.test_channels import PPOCR_SHAPES
 
 MLP = """

@@ -18,9 +18,9 @@ from onnxopt import Model
 from onnxopt.framework import PassContext
 from onnxopt.graph import const_value
 from onnxopt.validate import available_providers, compare_outputs, run_model
-from tests.helpers import cosine, io_signature, real_model, run_pass
+from tests.helpers import cosine, io_signature, run_pass
+from tests.real_models import REAL_MODEL_NAMES, real_model
 
-OCR = ["ppocr-det", "ppocr-rec", "ppocr-cls"]
 _cache: dict = {}
 
 
@@ -33,7 +33,7 @@ def quantized(name: str, **options):
     return _cache[key]
 
 
-@pytest.mark.parametrize("name", OCR)
+@pytest.mark.parametrize("name", REAL_MODEL_NAMES)
 def test_ppocr_static_u8_is_fused_at_least_95_percent(name):
     model, ran = quantized(name)
     s = ran.stats
@@ -145,7 +145,7 @@ def test_light_models_whose_weights_are_graph_inputs_are_left_float(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", OCR)
+@pytest.mark.parametrize("name", REAL_MODEL_NAMES)
 def test_accuracy_guard_reaches_cosine_099_on_ppocr(name):
     model = Model.load(real_model(name))
     cal = ocr_feeds(name, 16, seed=0)

@@ -13,7 +13,8 @@ from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.framework import PassContext
 from onnxopt.validate import compare_outputs, run_model
-from tests.helpers import cosine, io_signature, parse, real_model, run_pass
+from tests.helpers import cosine, io_signature, parse, run_pass
+from tests.real_models import real_model
 
 CONV = """
     <ir_version: 8, opset_import: ["" : 17]>

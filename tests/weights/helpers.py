@@ -9,12 +9,12 @@ import onnx
 from onnxopt import Model
 from onnxopt.weights.sites import find_weights
 from onnxopt.weights.writer import StorageWriter
-from tests.passes.compress_helpers import two_layer_mlp
+from tests.passes import compress_helpers as compress
 
 
 def mlp(w0: np.ndarray, w1: np.ndarray, opset: int = 17, ir: int = 8) -> Model:
     """x -> MatMul(w0) -> Add(b0) -> Relu -> MatMul(w1) -> y, opset and IR version as given."""
-    return two_layer_mlp(w0, w1, bias=np.full(w0.shape[1], 0.1), ir=ir, opset=opset)
+    return compress.two_layer_mlp(w0, w1, bias=np.full(w0.shape[1], 0.1), ir=ir, opset=opset)
 
 
 def write(model: Model, new: dict[str, np.ndarray]) -> Model:

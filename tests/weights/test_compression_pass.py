@@ -1,5 +1,6 @@
 """onnxopt.weights.compression_pass: the shared option block, the find -> select -> decide
--> write -> report run, and the order in which options are checked."""
+-> write -> report run, the order in which options are checked, and the bad options of
+each compression pass (shared block and its own) refused with one clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
 from onnxopt.weights.compression_pass import Decision, WeightCompressionPass, selection_options
 from tests.helpers import with_weights
-from tests.passes.compress_helpers import assert_identical_outputs, storages, weights
+from tests.passes import compress_helpers as compress
 from tests.weights.helpers import mlp
 
 
@@ -57,9 +58,9 @@ def test_run_writes_the_decided_values_and_reports_per_layer(rng):
     result = _Halve(min_size=0, layers=["w1=0.25"]).run(out, PassContext(reference=model))
     assert result.modified
     halves = {"w0": np.round(w0 * 2) / 2, "w1": np.round(w1 * 4) / 4}
-    got = weights(out)
+    got = compress.weights(out)
     assert all(np.array_equal(got[k], v) for k, v in halves.items())
-    assert set(storages(out).values()) == {"dense-idx"}
+    assert set(compress.storages(out).values()) == {"dense-idx"}
     stats = result.stats
     assert list(stats) == ["layers_halved", "storages", "skipped", "layers", "total"]
     assert stats["storages"] == {"dense-idx": 2} and stats["skipped"] == {}
@@ -70,7 +71,7 @@ def test_run_writes_the_decided_values_and_reports_per_layer(rng):
     assert rows["w0"]["extra"] == 1 and rows["w0"]["storage"] == "dense-idx"
     assert stats["total"]["original_file_bytes"] == len(model.to_bytes())
     feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32)}
-    assert_identical_outputs(out, with_weights(model, **halves), feeds)
+    compress.assert_identical_outputs(out, with_weights(model, **halves), feeds)
 
 
 def test_run_without_writes_changes_nothing(rng):
@@ -79,6 +80,28 @@ def test_run_without_writes_changes_nothing(rng):
     result = _Halve(write=False, min_size=10_000).run(model, PassContext())
     assert not result.modified and model.to_bytes() == before
     assert result.stats == {"layers_halved": 0, "storages": {}, "skipped": {"smaller than min_size": 2}}
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("prune-magnitude", {"sparsity": 0.5, "threshold": 0.1}, "give one of sparsity, threshold or pattern"),
+    ("prune-magnitude", {"pattern": "4:2"}, "pattern must be N:M"),
+    ("prune-magnitude", {"pattern": "two:four"}, "pattern must be N:M"),
+    ("prune-magnitude", {"threshold_unit": "std"}, "threshold_unit needs a threshold"),
+    ("prune-magnitude", {"ops": ["Relu"]}, "ops must be among"),
+    ("prune-magnitude", {"exclude": ["("]}, "bad name pattern"),
+    ("prune-magnitude", {"layers": ["w0"]}, "not PATTERN=VALUE"),
+    ("prune-magnitude", {"layers": ["w0=2"]}, "value must be in"),
+    ("prune-magnitude", {"sparsity": 1.5}, "must be <="),
+    ("prune-magnitude", {"scope": "model"}, "must be one of"),
+    ("share-weights", {"bits": 1}, "must be >="),
+    ("share-weights", {"bits": 9}, "must be <="),
+    ("share-weights", {"init": "random"}, "must be one of"),
+    ("share-weights", {"layers": ["w0=12"]}, "value must be in"),
+    ("share-weights", {"ops": ["Add"]}, "ops must be among"),
+])
+def test_bad_options_of_each_pass_are_one_clear_error(name, options, message):
+    with pytest.raises(PipelineError, match=message):
+        get_pass(name)(**options)
 
 
 def test_a_pass_checks_its_own_options_before_the_selection():

@@ -8,7 +8,7 @@ import pytest
 from onnxopt.errors import PipelineError
 from onnxopt.weights.sites import check_selection, check_targets, find_weights
 from tests.helpers import parse
-from tests.passes.compress_helpers import values
+from tests.passes import compress_helpers as compress
 
 
 def test_find_weights_skips_what_it_must_not_touch(rng):
@@ -16,7 +16,7 @@ def test_find_weights_skips_what_it_must_not_touch(rng):
     model = parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 8] x, float[8, 8] fed) => (float[N, 8] y, float[8, 8] w_out)
-        <float[8, 8] w_data = {values(w)}, float[8, 8] w_out = {values(w)}, float[8, 8] w_ok = {values(w)}>
+        <float[8, 8] w_data = {compress.values(w)}, float[8, 8] w_out = {compress.values(w)}, float[8, 8] w_ok = {compress.values(w)}>
         {{
             a = MatMul(x, w_data)
             b = Add(a, w_data)
