@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     dedup_weights,
     distill,
     eliminate_noops,
+    finetune,
     fold_batchnorm,
     fold_constants,
     fp16,
