@@ -6,15 +6,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# PyTorch for finetune (the `train` extra): the CPU build. An unpinned torch is a CUDA
+# build of several GB.
+TORCH  ?= torch==2.13.0
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured clean
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-finetune clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,train]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -41,10 +45,10 @@ BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
 $(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,train,bench]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured
+bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-finetune
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
@@ -66,6 +70,12 @@ bench-compress: $(BENCH_STAMP) models
 # the README section.
 bench-structured: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.structured
+
+# finetune on the real models: fidelity, size, latency and training cost with and without
+# it, against a plain PyTorch loop; writes benchmarks/results/finetune.{json,png} and the
+# README section. Long (an hour or more on 2 cores); BENCH_ARGS=--quick for a smoke run.
+bench-finetune: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.finetune $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks
