@@ -1,6 +1,8 @@
 # onnxopt — the two commands of the README's quick start, and the rest.
 #   make demo   set everything up, optimize the bundled demo model, print the report
-#   make test   set everything up, run the test suite
+#               (and write it as JSON and as an HTML page)
+#   make test   set everything up, run the test suite (the HTML report's browser tests
+#               need the system's Chromium: `apt-get install -y chromium`; they skip without it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -31,7 +33,7 @@ models: venv
 demo: venv
 	mkdir -p demo
 	$(BIN)/python -m models build demo -o demo/model.onnx
-	$(BIN)/onnxopt optimize demo/model.onnx -o demo/model.opt.onnx --report demo/report.json
+	$(BIN)/onnxopt optimize demo/model.onnx -o demo/model.opt.onnx --report demo/report.json --html demo/report.html
 
 test: venv models
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -4,9 +4,9 @@ give on a real classifier and on the PP-OCR models, and what they cost at run ti
 * digits classifier (scikit-learn MLP 64-300-100-10 on load_digits): test accuracy and
   file size for pruning alone, sharing alone and both; a table and a plot of accuracy
   against compression ratio (benchmarks/results/compress_digits.png);
-* PP-OCR det/rec/cls on text images (real handwritten digits): output fidelity (cosine,
-  max abs) and the task's own measure (text-mask IoU, character agreement, class
-  agreement) against sparsity and bits;
+* PP-OCR det/rec/cls on printed text rendered with Pillow (:mod:`models.ocr`): output
+  fidelity (cosine, max abs) and the task's own measure (text-mask IoU, character
+  agreement, class agreement) against sparsity and bits;
 * onnxruntime CPU latency (after session creation) and session-creation time of the
   compressed models against the originals, interleaved, medians.
 
@@ -36,9 +36,9 @@ from benchmarks.common import (  # noqa: E402
 )
 from models.digits import digits_mlp, digits_split  # noqa: E402
 from models.fetch import cached  # noqa: E402
-from models.ocr_inputs import ocr_feeds  # noqa: E402
+from models.ocr import ocr_feeds  # noqa: E402
 from onnxopt import Model, PassContext, PassManager  # noqa: E402
-from onnxopt.compact import gzip_size  # noqa: E402
+from onnxopt.weights.report import gzip_size  # noqa: E402
 
 PRUNE = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 BITS = [8, 6, 5, 4, 3, 2]
@@ -165,7 +165,7 @@ def ocr_section() -> list[dict]:
             print(f"{name}: not fetched (make models); skipped")
             continue
         reference = Model.load(path)
-        feeds = ocr_feeds(name)
+        (feeds,) = ocr_feeds(name)
         ref = session(reference.to_bytes()).run(None, feeds)[0]
         base_bytes, _ = sizes(reference)
         for pipeline in OCR_PIPELINES:
@@ -224,7 +224,7 @@ def runtime_section() -> list[dict]:
     subjects = [("digits", Model.from_proto(digits_mlp()), {"input": digits_split()[1][:1]})]
     for name in OCR:
         if cached(name) is not None:
-            subjects.append((name, Model.load(cached(name)), ocr_feeds(name)))
+            subjects.append((name, Model.load(cached(name)), ocr_feeds(name)[0]))
     for name, reference, feeds in subjects:
         variants = {"original": reference}
         variants.update({p: compress(reference, p) for p in RUNTIME})
@@ -274,7 +274,7 @@ def readme_text(info: dict, digits: dict, ocr: list[dict], runtime: list[dict]) 
         "### Compression (prune-magnitude, share-weights)",
         head, table, verdict,
         "![accuracy against compression ratio](benchmarks/results/compress_digits.png)",
-        "PP-OCR on text images (real handwritten digits): cosine and max abs of the main output; "
+        "PP-OCR on printed text rendered with Pillow (`models/ocr.py`): cosine and max abs of the main output; "
         "task = text-mask IoU at 0.3 (det), agreement of the greedy characters (rec), of the class (cls).",
         ocr_table,
         "Run time, onnxruntime CPU, one thread: whether the graph onnxruntime runs after its optimizations "

@@ -49,12 +49,11 @@ def model_data(name: str, n_cal: int = CAL_N, n_eval: int = EVAL_N):
     from models.fetch import fetch
 
     if name.startswith("ppocr"):
-        from models.ocr_data import cls_images, ocr_feeds
+        from models.ocr import cls_labels, ocr_feeds
 
         if name == "ppocr-cls":
-            x, y = cls_images(n_eval, seed=99)
-            ev = [{"x": x[i:i + 1]} for i in range(n_eval)]
-            return fetch(name), ocr_feeds(name, n_cal, seed=0), ev, ("direction accuracy", y)
+            ev = ocr_feeds(name, n_eval, seed=99)
+            return fetch(name), ocr_feeds(name, n_cal, seed=0), ev, ("direction accuracy", cls_labels(n_eval))
         return fetch(name), ocr_feeds(name, n_cal, seed=0), ocr_feeds(name, n_eval, seed=99), None
     if name == "digits":
         from models.digits import digits_mlp, digits_split
@@ -293,7 +292,7 @@ def calibrate_in_child(name: str, n: int, tool: str) -> int:
 
 def model_data_one(name: str, i: int) -> dict:
     if name.startswith("ppocr"):
-        from models.ocr_data import ocr_feeds
+        from models.ocr import ocr_feeds
 
         return ocr_feeds(name, 1, seed=1000 + i)[0]
     from models.transformer import token_feeds
@@ -421,7 +420,7 @@ def tables(results: dict) -> str:
              "shared with other work: timings are noisy.",
              "",
              "Inputs: PP-OCR calibration and evaluation images are text rendered with Pillow's bundled font "
-             "(`models/ocr_data.py`, different seeds; the cls task is the direction of lines turned 180°); "
+             "(`models/ocr.py`, different seeds; the cls task is the direction of lines turned 180°); "
              "MiniLM gets random token ids in padded batches of ragged lengths (no tokenizer ships with it); "
              "digits uses its train split to calibrate and its test split to measure accuracy. "
              "`onnxopt int8` is the `default` clean-up then `quantize` with its defaults (ort-cpu, u8, "

@@ -6,13 +6,14 @@ of the channels removed, with and without ``reconstruct``. The digits classifier
 accuracy after removing 25/50/75 % of the hidden neurons by pruning or merging, then
 ``reconstruct`` or ``distill``.
 
-Data: calibration and test inputs for PP-OCR are synthesized (:mod:`models.synthetic`:
-lines of real handwritten digits from scikit-learn on a paper-like background; separate
-seeds for calibration and test). The light ResNet-50 ships without weights (its weights
-are ConstantOfShape outputs): they are materialized with seeded He-normal values, so its
-fidelity figures are those of a random network on random images — only its structure,
-FLOPs and latency are meaningful. The digits classifier is scikit-learn's MLP on
-``load_digits``: calibration = its train split, accuracy on its test split.
+Data: calibration and test inputs for PP-OCR are printed text rendered with Pillow
+(:mod:`models.ocr`, at its default sizes; separate seeds for calibration and test; the
+latency input is one more page or line at the size in ``SETUP``). The light ResNet-50
+ships without weights (its weights are ConstantOfShape outputs): they are materialized
+with seeded He-normal values, so its fidelity figures are those of a random network on
+random images — only its structure, FLOPs and latency are meaningful. The digits
+classifier is scikit-learn's MLP on ``load_digits``: calibration = its train split,
+accuracy on its test split.
 
     make bench-structured            # everything (about 30 minutes on 2 cores)
     python -m benchmarks.structured --quick
@@ -41,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     save_results,
     update_readme,
 )
+from models.ocr import ocr_feeds  # noqa: E402
 from onnxopt import Model, PassManager  # noqa: E402
 from onnxopt.framework import PassContext  # noqa: E402
 from onnxopt.model import extras  # noqa: E402
@@ -213,17 +215,12 @@ def bench_model(name: str, ratios, round_to: int, runs: int, log) -> dict:
         model = resnet50()
         calib, test = resnet_feeds(SETUP[name][1], 0), resnet_feeds(4, 99)
     else:
-        from models.synthetic import calibration
-
         model = ppocr(name)
-        calib, test = calibration(name, SETUP[name][1], seed=0), calibration(name, 8, seed=99)
+        calib, test = ocr_feeds(name, SETUP[name][1], seed=0), ocr_feeds(name, 8, seed=99)
     shape, _, rc_opts, out_name = SETUP[name]
     lat_feeds = {model.graph.inputs[0].name: test[0][model.graph.inputs[0].name]} if name == "resnet50" else None
     if lat_feeds is None:
-        from models.synthetic import det_inputs, rec_inputs
-
-        x = det_inputs(1, *shape[2:], seed=5) if name == "ppocr-det" else rec_inputs(1, *shape[2:], seed=5)
-        lat_feeds = {"x": x}
+        lat_feeds = ocr_feeds(name, 1, seed=5, size=shape[2:])[0]
     names = [out_name] if out_name else None
     ref = run_all(model, test, names)
     key = names[0] if names else next(iter(ref[0]))

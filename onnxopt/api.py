@@ -22,7 +22,7 @@ from .errors import ValidationFailed
 from .framework import PassContext, Progress
 from .manager import DEFAULT_MAX_ROUNDS, PassManager
 from .model import Model
-from .report import Report, model_figures
+from .report import Report, layer_figures, model_figures
 from .validate import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL, check_providers, validate
 
 __all__ = ["optimize", "load"]
@@ -112,6 +112,7 @@ def optimize(
     report = Report(pipeline=result.pipeline, input=input_figures,
                     output=model_figures(candidate), passes=[r.as_dict() for r in result.records],
                     converged=result.converged, groups=result.groups, notes=notes)
+    report.layers = layer_figures(reference, candidate, report.passes)
     for r in result.rolled_back:
         report.notes.append(f"pass {r.name} was rolled back: {r.error}")
 

@@ -1,4 +1,4 @@
-"""The ``onnxopt`` command line: ``passes``, ``inspect``, ``optimize``, ``validate``.
+"""The ``onnxopt`` command line: ``passes``, ``inspect``, ``optimize``, ``validate``, ``report``.
 
 Every failure a user can cause ends in one line on stderr (``onnxopt: error: ...``) and
 the exit code of its :mod:`onnxopt.errors` class; ``--debug`` shows the traceback.
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     si = add("inspect", "describe a model: inputs/outputs, opsets, ops, sizes")
     si.add_argument("model")
     si.add_argument("--json", action="store_true", help="print JSON")
-    si.add_argument("--groups", action="store_true",
-                    help="also show the channel-dependency groups (what structured pruning may remove)")
+    si.add_argument("--channel-groups", action="store_true",
+                    help="also show the channel groups (the channels structured pruning may remove together)")
 
     so = add("optimize", "run a pipeline of passes, validate, write the result")
     so.add_argument("model")
@@ -71,12 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                     help="store tensors in a .data file beside the model (auto: above 2 GB)")
     so.add_argument("--report", help="write the JSON report here")
+    so.add_argument("--html", help="write the HTML report here (needs the 'report' extra)")
 
     sv = add("validate", "compare a candidate model with a reference on onnxruntime")
     sv.add_argument("reference")
     sv.add_argument("candidate")
     _feeds_args(sv)
     sv.add_argument("--report", help="write the JSON result here")
+
+    sr = add("report", "turn a JSON report into a self-contained HTML page")
+    sr.add_argument("report", help="a JSON report written by --report")
+    sr.add_argument("-o", "--output", required=True, help="where to write the HTML page")
     return p
 
 
@@ -211,8 +216,8 @@ def _cmd_inspect(args, console) -> int:
     model = Model.load(args.model)
     info = inspect_model(model, args.model)
     groups = None
-    if args.groups:
-        from .groups import analyze
+    if args.channel_groups:
+        from .channels import analyze
 
         found = analyze(model)
         groups = {"summary": found.stats(), "groups": found.describe()}
@@ -254,16 +259,27 @@ def _tolerances(args) -> dict:
             "min_cosine": DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine}
 
 
-def _check_report_path(path: str | None) -> None:
+def _check_report_path(path: str | None, flag: str = "--report") -> None:
     if path is None:
         return
     from .errors import ModelSaveError
 
     folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
-        raise ModelSaveError(f"--report {path}: folder {folder} does not exist")
+        raise ModelSaveError(f"{flag} {path}: folder {folder} does not exist")
     if Path(path).is_dir():
-        raise ModelSaveError(f"--report {path}: is a folder")
+        raise ModelSaveError(f"{flag} {path}: is a folder")
+
+
+def _check_html(path: str | None) -> None:
+    """Fail before the run, not after it, when the page cannot be made or written; then
+    let the plotting library load while the run goes on."""
+    if path is not None:
+        from .plots import preload, require
+
+        _check_report_path(path, "--html")
+        require()
+        preload()
 
 
 def _cmd_optimize(args, console) -> int:
@@ -275,6 +291,7 @@ def _cmd_optimize(args, console) -> int:
     pipeline = args.pipeline or args.preset or "default"
     shapes = _shapes(args.shape)
     _check_report_path(args.report)
+    _check_html(args.html)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     progress = _RichProgress(_stderr_console(args)) if not args.quiet else None
     try:
@@ -292,12 +309,16 @@ def _cmd_optimize(args, console) -> int:
                 render_report(exc.report, console)
             if args.report:
                 write_json(exc.report.to_json(), args.report)
+            if args.html:
+                exc.report.write_html(args.html)
         raise
     if not args.quiet:
         render_report(report, console)
         console.print(f"wrote {args.output}")
     if args.report:
         write_json(report.to_json(), args.report)
+    if args.html:
+        report.write_html(args.html)
     if report.passed is False:  # --force wrote it anyway
         print("onnxopt: validation failed; output written because of --force", file=sys.stderr)
         return EXIT_VALIDATION
@@ -332,6 +353,16 @@ def _cmd_validate(args, console) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args, console) -> int:
+    from .html_report import load_report, write_html
+
+    _check_html(args.output)
+    write_html(load_report(args.report), args.output)
+    if not args.quiet:
+        console.print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 @contextmanager
 def _null():
     yield None
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_USAGE
         handler = {"passes": _cmd_passes, "inspect": _cmd_inspect, "optimize": _cmd_optimize,
-                   "validate": _cmd_validate}[args.command]
+                   "validate": _cmd_validate, "report": _cmd_report}[args.command]
         return handler(args, console)
     except OnnxoptError as exc:
         if debug:

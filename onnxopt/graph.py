@@ -20,12 +20,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .model import Model, RawAttribute, extras, iter_graphs, node_subgraphs
+from .model import Model, RawAttribute, extras, iter_graphs, node_subgraphs, tensor_nbytes
 
 __all__ = [
     "GraphIndex",
     "NameAllocator",
+    "SHAPE_OPS",
     "const_value",
+    "const_through_shape_ops",
+    "write_constant",
     "is_const",
     "implicit_inputs",
     "toposort",
@@ -64,6 +67,89 @@ def const_value(tensor: gs.Tensor, *, load: bool = True) -> np.ndarray | None:
     if node.op != "Constant" or node.domain not in (None, "", "ai.onnx") or node.inputs:
         return None
     return constant_node_value(node)
+
+
+#: Ops that only re-shape or re-type a tensor, through which a constant stays constant.
+SHAPE_OPS = frozenset(["Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten", "Transpose"])
+
+_STD = (None, "", "ai.onnx")
+
+
+def const_through_shape_ops(tensor: gs.Tensor, *, depth: int = 4, max_bytes: int | None = None
+                            ) -> np.ndarray | None:
+    """The value of ``tensor`` if it is a constant (:func:`const_value`) or the end of a
+    chain of at most ``depth`` :data:`SHAPE_OPS` over constants; None otherwise.
+
+    Exporters write per-channel biases and scales as a Reshape or Unsqueeze of a 1-D
+    constant (a Cast of it, a Transpose of a weight), and a pass that asks "is this
+    operand a weight, a per-channel vector?" must see through that. ``max_bytes``: no
+    constant holding more bytes is read, the chain's shape operands included (None: any
+    size), so that a matcher never loads a large weight only to learn that it is not the
+    small vector it looks for.
+    """
+    if max_bytes is not None and _const_nbytes(tensor) > max_bytes:
+        return None
+    value = const_value(tensor)
+    if value is not None:
+        return np.asarray(value)
+    if depth <= 0 or not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if node.op not in SHAPE_OPS or node.domain not in _STD or len(node.outputs) != 1:
+        return None
+    args = [const_through_shape_ops(t, depth=depth - 1, max_bytes=max_bytes) if t.name else None
+            for t in node.inputs]
+    if not args or args[0] is None:
+        return None
+    try:
+        return _apply_shape_op(node, args[0], args[1:])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _const_nbytes(tensor: gs.Tensor) -> int:
+    """Bytes a constant holds, without loading it (0 when it is not a stored constant)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor_nbytes(tensor)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        held = tensor.inputs[0].attrs.get("value")
+        if isinstance(held, gs.Constant):
+            return tensor_nbytes(held)
+    return 0
+
+
+def _apply_shape_op(node: gs.Node, x: np.ndarray, rest: list) -> np.ndarray | None:
+    """What the shape op ``node`` makes of ``x`` (``rest``: its other inputs' values)."""
+    op = node.op
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if op == "Reshape":
+        if not rest or rest[0] is None:
+            return None
+        shape = [int(d) for d in rest[0]]
+        if node.attrs.get("allowzero", 0):
+            return x.reshape(shape)
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = node.attrs.get("axes")
+        if axes is None and rest:
+            if rest[0] is None:
+                return None
+            axes = [int(a) for a in rest[0]]
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
+        rank = x.ndim + len(axes)
+        for a in sorted(a % rank for a in axes):
+            x = np.expand_dims(x, a)
+        return x
+    if op == "Flatten":
+        axis = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op == "Transpose":
+        return np.transpose(x, node.attrs.get("perm"))
+    return None
 
 
 def constant_node_value(node: gs.Node) -> np.ndarray | None:
@@ -356,6 +442,65 @@ def release_constant(model: Model, tensor: gs.Tensor) -> bool:
             extras(g).initializers = kept
             dropped = True
     return dropped
+
+
+def write_constant(model: Model, node: gs.Node, index: int, value: np.ndarray, *,
+                   names: NameAllocator | None = None, replaced: list[gs.Tensor] | None = None) -> None:
+    """Give input ``index`` of ``node`` the constant ``value``, in the dtype of the
+    constant it replaces: in place when nothing else reads the old constant (an
+    initializer or a Constant node's output), else as a new constant; a missing optional
+    input (a Conv bias) is added.
+
+    What the node stopped reading is removed when it became unused. A caller writing many
+    constants passes ``names`` (one allocator for all) and ``replaced``, a list that
+    collects what the node stopped reading: it then removes what became unused itself,
+    once, with :func:`onnxopt.rewrite.prune_unused`.
+    """
+    names = names if names is not None else NameAllocator(model)
+    if index >= len(node.inputs) or not node.inputs[index].name:
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable(""))
+        node.inputs[index] = gs.Constant(names((node.outputs[0].name if node.outputs else "w") + "_bias"),
+                                         np.ascontiguousarray(value))
+        return
+    old = _write_input(model, node, index, value, names)
+    if old is None:
+        return
+    if replaced is not None:
+        replaced.append(old)
+        return
+    from .rewrite import prune_unused  # rewrite builds on this module's queries
+
+    prune_unused(model, [old])
+
+
+def _write_input(model: Model, node: gs.Node, index: int, value: np.ndarray,
+                 names: NameAllocator) -> gs.Tensor | None:
+    """Write ``value`` into input ``index`` of ``node``; returns the tensor the node
+    stopped reading (None when the old constant was overwritten in place)."""
+    old = node.inputs[index]
+    uses = sum(1 for c in old.outputs for t in c.inputs if t is old)
+    in_io = any(old is t for g in iter_graphs(model.graph) for t in list(g.inputs) + list(g.outputs))
+    before = const_through_shape_ops(old)
+    if before is not None:
+        value = value.astype(before.dtype)
+    value = np.ascontiguousarray(value)
+    if uses == 1 and not in_io:
+        if isinstance(old, gs.Constant):
+            old.values = value
+            return None
+        if old.inputs and old.inputs[0].op == "Constant" and len(old.inputs[0].outputs) == 1:
+            producer = old.inputs[0]
+            for key in [k for k in producer.attrs if k.startswith("value")]:
+                del producer.attrs[key]
+            producer.attrs["value"] = gs.Constant(old.name, value)
+            types = vars(producer).get("attr_types")
+            if types:
+                types.pop("value", None)
+            old.shape = list(value.shape)
+            return None
+    node.inputs[index] = gs.Constant(names(old.name or "pruned"), value)
+    return old
 
 
 def iter_nodes(model: Model) -> Iterator[tuple[gs.Graph, gs.Node]]:

@@ -12,6 +12,14 @@ Schema version 1, top-level keys:
 ``max_rel``, ``cosine``, ``top1_agreement``, ``equal_fraction``, ``passed``,
 ``reason``], ``latency_ms`` {``reference``, ``candidate``: {``median``, ``p90``}},
 ``error``), ``validation_mode``, ``validation_bound``, ``feeds``, ``seconds``.
+
+Added within schema 1 (new keys only; every key above keeps its meaning): ``input`` and
+``output`` also carry ``ir_version``, ``opsets`` (domain -> version, ``""`` for the
+default domain) and ``ops`` (nodes by op type, subgraphs included, most frequent first);
+``layers`` lists the output model's weighted layers in graph order (see
+:func:`layer_figures`); ``search`` is ``null`` unless a search filled it (its fields are
+documented in the README and in :mod:`onnxopt.html_report`). :meth:`Report.to_html` draws
+the self-contained HTML page from :meth:`Report.as_dict`.
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import ModelSaveError
 from .model import ExternalValues, Model, _tmp_name, iter_graphs, node_subgraphs
 
-__all__ = ["SCHEMA_VERSION", "Report", "model_figures", "inspect_model", "render_report",
+__all__ = ["SCHEMA_VERSION", "Report", "model_figures", "layer_figures", "inspect_model", "render_report",
            "render_inspect", "write_json"]
 
 SCHEMA_VERSION = 1
@@ -41,7 +50,17 @@ def model_figures(model: Model, path: str | None = None, file_bytes: int | None 
         file_bytes = _estimated_bytes(model)
     return {"path": path, "bytes": file_bytes, "nodes": s.nodes, "nodes_total": s.nodes_total,
             "initializers": s.initializers, "parameters": s.parameters,
-            "tensor_bytes": s.tensor_bytes}
+            "tensor_bytes": s.tensor_bytes, "ir_version": model.ir_version,
+            "opsets": dict(sorted(model.opset_imports.items())), "ops": dict(_op_counts(model).most_common())}
+
+
+def _op_counts(model: Model) -> collections.Counter:
+    """Nodes by op type over the graph and its subgraphs (``domain::Op`` outside ai.onnx)."""
+    ops: collections.Counter = collections.Counter()
+    for g in iter_graphs(model.graph):
+        for n in g.nodes:
+            ops[n.op if not n.domain or n.domain == "ai.onnx" else f"{n.domain}::{n.op}"] += 1
+    return ops
 
 
 def _estimated_bytes(model: Model) -> int:
@@ -51,6 +70,137 @@ def _estimated_bytes(model: Model) -> int:
         if isinstance(t._values, ExternalValues):
             size += t._values.nbytes
     return size
+
+
+#: Ops whose constant operand is a layer's weight (float, QDQ-quantized or MatMulNBits).
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits")
+_QUANT_BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "int16": 16, "uint16": 16,
+               "float8e4m3fn": 8, "float8e5m2": 8}
+_FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
+_SHAPE_KEEPING = {"DequantizeLinear", "Cast", "Identity", "Neg", "Abs"}
+
+
+def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None = None) -> list[dict]:
+    """The report's ``layers``: one entry per weighted layer of ``candidate``, in graph order.
+
+    A weighted layer is a Conv, ConvTranspose, Gemm, MatMul or MatMulNBits whose weight
+    operand is computed from constants alone (a plain weight, a DequantizeLinear of an
+    integer tensor, a compact expansion). Each entry: ``layer`` (its first output's name,
+    how layers are matched between models), ``name`` (the node's), ``op``, ``weight``,
+    ``parameters`` and ``channels`` (output channels) where the weight's shape is known,
+    ``channels_before`` (the same layer's channels in ``reference``), ``bits`` (of the
+    stored weight: 8 or 4 when quantized, 16 or 32 for floats, ``None`` when unknown) and
+    ``float_by_guard`` (quantize's accuracy guard kept it in float). Pruning's channel map
+    (model metadata) says which layers lost channels.
+    """
+    from .channels import channel_maps, layer_key
+
+    guarded = set()
+    for record in passes or ():
+        guard = record.get("stats", {}).get("guard") if not record.get("rolled_back") else None
+        if isinstance(guard, dict):
+            guarded |= {f.get("name") for f in guard.get("float_layers") or [] if isinstance(f, dict)}
+    before: dict[str, int | None] = {}
+    memo: dict = {}
+    for node in reference.graph.nodes:
+        found = _weight_of(node, memo)
+        if found is not None:  # passes keep tensor names; a fold renames the output, not the node
+            before[layer_key(node)] = before[f"node:{node.name}"] = _out_channels(node, found[1])
+    maps = channel_maps(candidate)
+    rows = []
+    memo = {}
+    for node in candidate.graph.nodes:
+        found = _weight_of(node, memo)
+        if found is None:
+            continue
+        weight, shape, bits = found
+        key = layer_key(node)
+        channels = len(maps[key]) if key in maps else _out_channels(node, shape)
+        rows.append({"layer": key, "name": node.name, "op": node.op, "weight": weight,
+                     "parameters": int(np.prod(shape)) if shape is not None else None,
+                     "channels": channels, "channels_before": before.get(key, before.get(f"node:{node.name}")),
+                     "bits": bits, "float_by_guard": node.name in guarded})
+    return rows
+
+
+def _weight_of(node: gs.Node, memo: dict) -> tuple[str | None, list | None, int | None] | None:
+    """(weight name, weight shape, bits) of a weighted layer; ``None`` for any other node."""
+    if node.op not in WEIGHTED_OPS or len(node.inputs) < 2:
+        return None
+    if node.op == "MatMulNBits":
+        n, k = node.attrs.get("N"), node.attrs.get("K")
+        return node.inputs[1].name, [n, k] if n and k else None, int(node.attrs.get("bits", 4))
+    for tensor in (node.inputs[1], node.inputs[0]) if node.op == "MatMul" else (node.inputs[1],):
+        traced = _trace_constant(tensor, memo)
+        if traced is not None:
+            return (tensor.name, *traced)
+    return None
+
+
+def _trace_constant(tensor: gs.Tensor, memo: dict, depth: int = 32) -> tuple[list | None, int | None] | None:
+    """(shape, bits) when ``tensor`` is computed from constants alone, else ``None``.
+
+    Bits: those of a DequantizeLinear's integer input on the way, else of the float type
+    the weight is computed in. ``memo`` (id -> result) keeps shared chains linear."""
+    if isinstance(tensor, gs.Constant):
+        return _shape_of(tensor), _FLOAT_BITS.get(_dtype_name(tensor))
+    if id(tensor) in memo:
+        return memo[id(tensor)]
+    memo[id(tensor)] = None  # a cycle or an over-deep chain is not a weight
+    if depth == 0 or not tensor.inputs:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant":
+        value = producer.attrs.get("value")
+        result = (_shape_of(value), _FLOAT_BITS.get(_dtype_name(value)))
+    else:
+        found = [_trace_constant(t, memo, depth - 1) for t in producer.inputs if t is not None and t.name]
+        if not found or any(f is None for f in found):
+            return None
+        shape = _shape_of(tensor)
+        if shape is None and producer.op == "Reshape" and isinstance(producer.inputs[1], gs.Constant):
+            target = [int(d) for d in np.asarray(producer.inputs[1].values).ravel()]
+            shape = target if all(d > 0 for d in target) else None
+        if producer.op == "DequantizeLinear":
+            bits = _QUANT_BITS.get(_dtype_name(producer.inputs[0]))
+        else:
+            bits = _FLOAT_BITS.get(_dtype_name(tensor)) or max((f[1] for f in found if f[1]), default=None)
+        if shape is None and producer.op in _SHAPE_KEEPING:
+            shape = found[0][0]
+        result = (shape, bits)
+    memo[id(tensor)] = result
+    return result
+
+
+def _dtype_name(tensor) -> str | None:
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1].lower()
+
+
+def _shape_of(tensor) -> list | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return list(shape)
+
+
+def _out_channels(node: gs.Node, shape: list | None) -> int | None:
+    if not shape:
+        return None
+    if node.op == "Conv":
+        return shape[0]
+    if node.op == "ConvTranspose" and len(shape) > 1:
+        return shape[1] * int(node.attrs.get("group", 1))
+    if node.op == "Gemm" and len(shape) == 2:
+        return shape[0] if node.attrs.get("transB", 0) else shape[1]
+    if node.op == "MatMulNBits":
+        return shape[0]
+    return shape[-1]
 
 
 @dataclass
@@ -69,6 +219,8 @@ class Report:
     feeds: dict | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    search: dict | None = None
 
     @property
     def validated(self) -> bool:
@@ -99,10 +251,27 @@ class Report:
             "feeds": self.feeds,
             "seconds": round(self.seconds, 4),
             "notes": self.notes,
+            "layers": self.layers,
+            "search": self.search,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, sort_keys=False, default=_json_default)
+
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page (plots as inline SVG, no network).
+
+        Needs the ``report`` extra (matplotlib); without it raises :class:`UsageError`
+        naming the extra."""
+        from .html_report import render_html
+
+        return render_html(json.loads(self.to_json()))
+
+    def write_html(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_html` atomically."""
+        from .html_report import write_html
+
+        write_html(json.loads(self.to_json()), path)
 
 
 def _json_default(value: Any):
@@ -120,14 +289,18 @@ def _json_default(value: Any):
 
 def write_json(data: dict | str, path: str | os.PathLike) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    text = data if isinstance(data, str) else json.dumps(data, indent=2, default=_json_default)
+    write_text(data if isinstance(data, str) else json.dumps(data, indent=2, default=_json_default), path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` and a final newline atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ModelSaveError(f"{path}: folder {folder} does not exist")
     try:
         tmp = _tmp_name(folder, path.name)
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
     except OSError as exc:
@@ -148,12 +321,10 @@ def _dims(shape) -> list | None:
 def inspect_model(model: Model, path: str | None = None) -> dict:
     """Inputs/outputs, opsets, op histogram, counts, bytes, subgraphs and external data."""
     s = model.summary()
-    ops: collections.Counter = collections.Counter()
+    ops = _op_counts(model)
     subgraphs = []
     for g in iter_graphs(model.graph):
         for n in g.nodes:
-            key = n.op if not n.domain or n.domain == "ai.onnx" else f"{n.domain}::{n.op}"
-            ops[key] += 1
             for sub in node_subgraphs(n):
                 subgraphs.append({"node": n.name or n.op, "op": n.op, "graph": sub.name,
                                   "nodes": sum(len(x.nodes) for x in iter_graphs(sub))})

@@ -6,7 +6,10 @@ or initializer holding an operand, a ``Shape`` node, the first of two Casts.
 :func:`prune_unused` then removes, starting from the tensors the rewrite stopped reading,
 every producer that nothing reads any more and every initializer that became unused —
 without scanning the whole model once per tensor, so rewrites stay linear in its size.
-Graph inputs and outputs (of every graph) are never removed.
+Graph inputs and outputs (of every graph) are never removed. :class:`Edits` records a
+rewrite's changes (new inputs, removed nodes) and does all of that bookkeeping in one sweep
+at the end. :func:`const_value_if_small` reads an operand's value without ever loading a
+large weight.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import onnx_graphsurgeon as gs
 from .graph import const_value, implicit_inputs
 from .model import Model, extras, gc_paused, iter_graphs, node_subgraphs, tensor_nbytes
 
-__all__ = ["drop_nodes", "prune_unused", "small_const", "gc_paused"]
+__all__ = ["Edits", "drop_nodes", "prune_unused", "const_value_if_small", "gc_paused"]
 
 
 def _unlink(nodes: list[gs.Node]) -> None:
@@ -140,12 +143,14 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor],
     return removed, released
 
 
-def small_const(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | None:
+def const_value_if_small(t: gs.Tensor, limit: int = 1 << 20, *, load: bool = True) -> np.ndarray | None:
     """The value of a constant of at most ``limit`` bytes, else None.
 
     Pattern matchers ask "is this operand a zero, a one, a per-channel vector?" of every
     operand they meet; a large weight is never the answer, and loading it to find out
-    would pull (and keep) external data into memory.
+    would pull (and keep) external data into memory. ``load=False``: as for
+    :func:`onnxopt.graph.const_value` (the value is not kept on the tensor, so a tensor
+    that is only looked at is written back unchanged).
     """
     if not t.name:
         return None
@@ -156,4 +161,72 @@ def small_const(t: gs.Tensor, limit: int = 1 << 20) -> np.ndarray | None:
         held = t.inputs[0].attrs.get("value")
         if isinstance(held, gs.Constant) and tensor_nbytes(held) > limit:
             return None
-    return const_value(t)
+    return const_value(t, load=load)
+
+
+class Edits:
+    """Changes a rewrite makes to a model, with the bookkeeping done in bulk at the end.
+
+    gs keeps both directions of each edge and repairs one entry at a time by scanning a
+    list, so giving new inputs to the readers of a constant that thousands of nodes share,
+    one by one, is quadratic. Here :meth:`rewire` gives a node all its new inputs at once,
+    :meth:`remove` and :meth:`take_output` only mark nodes removed, and :meth:`commit`
+    repairs the readers lists, takes the removed nodes out of their graphs and prunes what
+    became unused (:func:`prune_unused`), each in one sweep. Until then, the readers list of
+    a tensor that a node stopped reading may still name that node, and removed nodes stay
+    in their graphs' node lists (their ids are in ``dead``).
+    """
+
+    def __init__(self) -> None:
+        self.dead: set[int] = set()  # ids of the nodes removed
+        self.touched: list[gs.Tensor] = []  # tensors some node stopped reading
+        self._stale: dict[int, gs.Tensor] = {}
+
+    def rewire(self, node: gs.Node, inputs: list[gs.Tensor]) -> None:
+        """Give ``node`` the inputs ``inputs`` (the readers lists of the tensors it stops
+        reading are repaired by :meth:`settle`)."""
+        old = list(node.inputs)
+        list.__setitem__(node.inputs, slice(None), list(inputs))
+        for t in inputs:
+            list.append(t.outputs, node)
+        for t in old:
+            self._stale[id(t)] = t
+            self.touched.append(t)
+
+    def remove(self, *nodes: gs.Node) -> None:
+        """Mark ``nodes`` removed; what they read becomes a candidate for pruning."""
+        for n in nodes:
+            self.touched.extend(t for t in n.inputs if t.name)
+            self.dead.add(id(n))
+
+    def take_output(self, producer: gs.Node, consumer: gs.Node) -> None:
+        """Make ``producer`` produce ``consumer``'s (first) output, keeping its name and type,
+        and remove ``consumer``."""
+        out = consumer.outputs[0]
+        consumer.outputs.clear()  # its inputs are unlinked with the other removed nodes
+        producer.outputs[0] = out
+        self.remove(consumer)
+
+    def settle(self) -> None:
+        """Repair the readers lists of every tensor a rewired node stopped reading."""
+        for t in self._stale.values():
+            fixed, seen = [], set()
+            for c in t.outputs:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    fixed.extend(c for x in c.inputs if x is t)
+            list.__setitem__(t.outputs, slice(None), fixed)
+        self._stale.clear()
+
+    def commit(self, model: Model, graphs: list[gs.Graph] | None = None) -> tuple[int, int]:
+        """Apply the bookkeeping: repair readers lists, take the removed nodes out and prune
+        what became unused. Returns ``(nodes_removed, initializers_released)``, the marked
+        nodes included. ``graphs``: as for :func:`drop_nodes`."""
+        self.settle()
+        graphs = graphs if graphs is not None else list(iter_graphs(model.graph))
+        read = drop_nodes(model, self.dead, graphs)
+        pruned, released = prune_unused(model, read + self.touched, graphs)
+        removed = len(self.dead) + pruned
+        self.dead.clear()
+        self.touched.clear()
+        return removed, released

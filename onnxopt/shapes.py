@@ -6,6 +6,12 @@ computes; a rewrite that trusts them can silently change a model's outputs. So
 shape inference (with data propagation, so ``Shape``→``Gather``→``Concat`` chains give
 values), and large weights are replaced by typed inputs so that inference never
 serializes gigabytes.
+
+Its answers are keyed by tensor *name*, for the whole model. That is the engine of
+:class:`onnxopt.tensorinfo.ShapeIndex` — what passes ask about a gs tensor, by identity —
+and the right tool for whole-model proto work on a throwaway copy (declaring the types of
+intermediate tensors added as outputs to a copy, say). A rewrite does not read it directly:
+names are unique only per scope, and a name says nothing about a tensor created since.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Inferred dtype and shape of each tensor of a model, keyed by tensor identity.
 
-:func:`onnxopt.shapes.infer_shapes` answers by tensor *name*, for the whole model at
-once. Rewrites need an answer per gs tensor that they can trust, which takes three
-precautions on top of it:
+:class:`ShapeIndex` is what a pass asks about a gs tensor's type and shape: every pass
+uses it, none reads shapes by name. :func:`onnxopt.shapes.infer_shapes` is its engine: it
+answers by tensor *name*, for the whole model at once, which is right for work on a
+throwaway proto but not for rewrites. They need an answer per gs tensor that they can
+trust, which takes three precautions on top of it:
 
 * names are unique only per scope: two sibling subgraphs (an If's branches) may each
   define a tensor ``t``; a name defined more than once in the model gets no shape;
@@ -81,11 +83,13 @@ class ShapeIndex:
 
     ``shapes`` may pass the result of :func:`infer_shapes` if it was already computed
     for this exact model state. Answers describe the model as it was when the index was
-    built: tensors created later are unknown (None).
+    built: tensors created later are unknown (None). :meth:`for_copy` answers for a copy
+    of that model state (``Model.copy()``) without running inference again.
     """
 
     def __init__(self, model: Model, shapes: dict[str, TensorInfo] | None = None):
         by_name = infer_shapes(model) if shapes is None else shapes
+        self._by_name = by_name
         self._info: dict[int, TensorInfo] = {}
         defined: list[tuple[gs.Tensor, bool]] = []
         counts: Counter[str] = Counter()
@@ -119,6 +123,11 @@ class ShapeIndex:
                 info = TensorInfo(info.dtype, None)
             self._info[id(t)] = info
         self._fill_ranks(model, tainted)
+
+    def for_copy(self, copy: Model) -> ShapeIndex:
+        """The index of ``copy``, a copy of the model state this index was built for (its
+        tensors are other objects with the same names in the same places)."""
+        return ShapeIndex(copy, self._by_name)
 
     def _fill_ranks(self, model: Model, tainted: set[int]) -> None:
         """Ranks (and carried dimensions) ONNX inference left out, in graph order."""

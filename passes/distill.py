@@ -1,24 +1,19 @@
 """distill: fit the student's final classifier layer(s) to the teacher's soft outputs.
 
 After compression the last layers see different features. ``distill`` computes those
-features with onnxruntime on the calibration data (the input of the final layer(s)),
-the teacher's logits on the same data (``ctx.reference``, the original model), and fits
-the final layer(s) by gradient descent (Adam, in numpy) on the distillation loss
+features and the teacher's logits (``ctx.reference``) with onnxruntime on the
+calibration data and fits the final layer(s) by Adam, in numpy, on the distillation loss
 
     L = (1 − α)·CE(labels, student) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))
 
-(Hinton et al. 2015). Labels are optional: without them α is 1 (pure distillation).
-They are given with the ``labels`` option: a ``.npy`` file of integer classes, or a
-``.npz`` holding an array ``labels``, one class per row of logits, in calibration order
-(a calibration sample holding a batch of 64 inputs takes 64 labels; a sequence model's
-``[N, T, classes]`` logits take ``N*T``) — calibration files carry model inputs only.
+(Hinton et al. 2015). Labels are optional (without them α is 1): a ``.npy`` of integer
+classes or a ``.npz`` holding ``labels``, one per row of logits in calibration order.
 
 The final layer is found from the first graph output (or ``output``) backwards, through
 Softmax/LogSoftmax/Identity/Reshape, to a Gemm or a MatMul with a constant weight (and
-its bias Add); ``layers=2`` also fits the layer before it when a ReLU joins them. A
-``holdout`` share of the rows is kept out of the fit; the stats — KL at temperature T and
-top-1 agreement with the teacher, before and after — are measured on it. The new weights
-are kept only if the loss on those rows went down.
+its bias Add); ``layers=2`` also fits the layer before it across a ReLU. A ``holdout``
+share of the rows measures the result (KL and top-1 agreement with the teacher), and the
+new weights are kept only if the loss on them went down.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.activations import capture
 from onnxopt.errors import UsageError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.groups import param_value, write_constant
+from onnxopt.graph import const_through_shape_ops, write_constant
 from onnxopt.labels import read_labels
 from onnxopt.model import Model
 
@@ -53,28 +48,28 @@ class Dense:
     out: gs.Tensor  # the layer's output (after the bias)
 
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
-        w = np.asarray(param_value(self.node.inputs[1]), np.float64)
+        w = np.asarray(const_through_shape_ops(self.node.inputs[1]), np.float64)
         if self.node.op == "Gemm":
             alpha = float(self.node.attrs.get("alpha", 1.0))
             w = alpha * (w.T if self.node.attrs.get("transB", 0) else w)
         b = np.zeros(w.shape[1])
         if self.bias is not None:
             place, index = self.bias
-            b = np.broadcast_to(np.asarray(param_value(place.inputs[index]), np.float64).reshape(-1),
-                                (w.shape[1],)).copy()
+            b = np.asarray(const_through_shape_ops(place.inputs[index]), np.float64).reshape(-1)
+            b = np.broadcast_to(b, (w.shape[1],)).copy()
             if place.op == "Gemm":
                 b = b * float(place.attrs.get("beta", 1.0))
         return w, b
 
     def write(self, model: Model, w: np.ndarray, b: np.ndarray) -> None:
-        old = param_value(self.node.inputs[1])
+        old = const_through_shape_ops(self.node.inputs[1])
         if self.node.op == "Gemm":
             m = w / float(self.node.attrs.get("alpha", 1.0))
             w = m.T if self.node.attrs.get("transB", 0) else m
         write_constant(model, self.node, 1, w.astype(old.dtype))
         if self.bias is not None:
             place, index = self.bias
-            ob = param_value(place.inputs[index])
+            ob = const_through_shape_ops(place.inputs[index])
             if place.op == "Gemm":
                 b = b / float(place.attrs.get("beta", 1.0))
             if ob.size == b.size:
@@ -199,25 +194,25 @@ def _dense_producing(t: gs.Tensor) -> Dense | None:
     node = t.inputs[0]
     if node.op == "Add" and len(node.inputs) == 2:
         for k in (0, 1):
-            b = param_value(node.inputs[k])
+            b = const_through_shape_ops(node.inputs[k])
             other = node.inputs[1 - k]
             if b is not None and other.inputs and other.inputs[0].op == "MatMul" and len(other.outputs) == 1:
                 mm = other.inputs[0]
-                w = param_value(mm.inputs[1])
+                w = const_through_shape_ops(mm.inputs[1])
                 if w is not None and w.ndim == 2 and b.size == w.shape[1] and w.dtype.kind == "f":
                     return Dense(mm, (node, k), t)
         return None
     if node.op == "MatMul":
-        w = param_value(node.inputs[1])
+        w = const_through_shape_ops(node.inputs[1])
         if w is not None and w.ndim == 2 and w.dtype.kind == "f":
             return Dense(node, None, t)
         return None
     if node.op == "Gemm" and not node.attrs.get("transA", 0):
-        w = param_value(node.inputs[1])
+        w = const_through_shape_ops(node.inputs[1])
         if w is None or w.dtype.kind != "f":
             return None
         if len(node.inputs) > 2 and node.inputs[2].name:
-            c = param_value(node.inputs[2])
+            c = const_through_shape_ops(node.inputs[2])
             n = w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
             if c is None or c.size not in (1, n):
                 return None

@@ -40,7 +40,7 @@ from onnx import helper
 from onnxopt.framework import Pass, PassContext, PassResult, register
 from onnxopt.graph import bypass
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused, small_const
+from onnxopt.rewrite import const_value_if_small, drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["EliminateNoops"]
@@ -163,7 +163,7 @@ class _Finder:
     # ---- helpers ---------------------------------------------------------------------
 
     def const(self, t: gs.Tensor) -> np.ndarray | None:
-        return small_const(t)
+        return const_value_if_small(t)
 
     def single_output(self, node: gs.Node) -> bool:
         return sum(1 for o in node.outputs if o.name) == 1 and bool(node.outputs[0].name)

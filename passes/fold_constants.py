@@ -52,12 +52,13 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxopt.compact import COMPACT, WEIGHT_OPS, decoder_cone, storage_of
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, constant_node_value, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
 from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
+from onnxopt.weights.decode import COMPACT, decoder_cone, storage_of
+from onnxopt.weights.sites import WEIGHT_OPS
 
 __all__ = ["FoldConstants"]
 

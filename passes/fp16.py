@@ -27,9 +27,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.graph import NameAllocator, const_value, release_constant, toposort
+from onnxopt.graph import NameAllocator, const_value, toposort
 from onnxopt.model import Model, node_subgraphs
-from onnxopt.shapes import infer_shapes
+from onnxopt.rewrite import prune_unused
+from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["Fp16", "DEFAULT_BLOCK"]
 
@@ -71,14 +72,14 @@ class Fp16(Pass):
         work = model.copy()
         graph = work.graph
         toposort(graph)
-        info = infer_shapes(work)
+        index = ShapeIndex(work)
         names = NameAllocator(work)
 
         def is_f32(t: gs.Tensor) -> bool:
             if not t.name:
                 return False
-            ti = info.get(t.name)
-            dt = ti.dtype if ti is not None and ti.dtype is not None else t.dtype
+            dt = index.dtype(t)
+            dt = dt if dt is not None else t.dtype
             try:
                 return dt is not None and np.dtype(dt) == np.float32
             except TypeError:
@@ -109,7 +110,7 @@ class Fp16(Pass):
                 reason = "holds a subgraph"
             elif node.op in block:
                 reason = f"{node.op} is in the block list"
-            elif any(t.name and t.dtype is None and info.get(t.name) is None for t in node.outputs):
+            elif any(t.name and t.dtype is None and index.info(t) is None for t in node.outputs):
                 reason = "unknown output type"
             if reason:
                 kept[reason] = kept.get(reason, 0) + 1
@@ -191,8 +192,7 @@ class Fp16(Pass):
             if node.op == "Cast" and int(node.attrs.get("to", 0)) == onnx.TensorProto.FLOAT:
                 node.attrs["to"] = onnx.TensorProto.FLOAT16
         graph.nodes.extend(new_nodes)
-        for t in replaced:
-            drop_if_unused(work, t)
+        prune_unused(work, replaced)
         toposort(graph)
         stats = {"converted": len(converted), "kept_fp32": kept, "casts": casts, "constants_converted": consts,
                  "clamped_values": clamped, "underflow_values": underflow}
@@ -221,16 +221,3 @@ def _normalize_batchnorm(node: gs.Node, names: NameAllocator) -> list[gs.Tensor]
     for i, (t, v) in enumerate(zip(old, new), start=1):
         node.inputs[i] = gs.Constant(names(f"{t.name}_normalized"), values=np.asarray(v, np.float32))
     return old
-
-
-def drop_if_unused(model: Model, t: gs.Tensor) -> None:
-    """Drop a constant (initializer or Constant node) that nothing reads any more."""
-    if t.outputs or any(t is o for o in model.graph.outputs):
-        return
-    if isinstance(t, gs.Constant):
-        release_constant(model, t)
-        return
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        node = t.inputs[0]
-        node.outputs.clear()
-        model.graph.nodes = [n for n in model.graph.nodes if n is not node]

@@ -6,6 +6,8 @@ anything, and counts why it declined where the pattern was there:
 * ``conv-add``: a per-channel constant ``Add`` after a ``Conv``/``ConvTranspose``
   becomes the convolution's bias (added to the bias it has);
 * ``gemm-add``: a constant ``Add`` after a ``Gemm`` becomes its ``C`` (``beta`` folded);
+  both are the affine fold of :mod:`onnxopt.affine` with scale 1, guards included (the
+  stats keep this pass's names for its reasons);
 * ``matmul-add``: ``MatMul`` of two 2-D tensors followed by a constant ``Add`` becomes a
   ``Gemm``. Never with Reshapes around it for higher ranks: flattening a 3-D MatMul+Add
   into Gemm+Reshape hides the pattern onnxruntime fuses into BiasGelu and cost ~7 % on a
@@ -36,11 +38,12 @@ from functools import cached_property
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.affine import AffineFolder
 from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, bypass
 from onnxopt.model import Model, iter_graphs
-from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused, small_const
+from onnxopt.rewrite import Edits, const_value_if_small, gc_paused
 from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["Fuse", "REWRITES"]
@@ -92,7 +95,7 @@ class Fuse(Pass):
         for g in graphs:
             state.current = g
             for node in list(g.nodes):
-                if id(node) in state.dead or node.domain not in _STANDARD:
+                if id(node) in state.edits.dead or node.domain not in _STANDARD:
                     continue
                 for name, fn in by_op.get(node.op, ()):
                     try:
@@ -104,10 +107,8 @@ class Fuse(Pass):
                     if done:
                         state.fused[f"fused_{name.replace('-', '_')}"] += 1
                         break
-        state.settle()
-        read = drop_nodes(model, state.dead, graphs)
-        pruned, released = prune_unused(model, read + state.touched, graphs)
-        stats = {"fused": sum(state.fused.values()), "nodes_removed": len(state.dead) + pruned,
+        removed, released = state.edits.commit(model, graphs)
+        stats = {"fused": sum(state.fused.values()), "nodes_removed": removed,
                  "initializers_released": released}
         stats.update({k: state.fused.get(k, 0) for k in (f"fused_{n.replace('-', '_')}" for n in active)})
         stats.update(sorted(state.kept.items()))
@@ -119,13 +120,11 @@ class _State:
         self.model = model
         self.outputs: set[int] = set()
         self.opset = model.opset_imports.get("", 1)
-        self.ir3 = model.ir_version < 4
-        self.dead: set[int] = set()
-        self.touched: list[gs.Tensor] = []
+        self.edits = Edits()  # new inputs, removed nodes: applied in bulk at the end
         self.fused: Counter = Counter()
         self.kept: Counter = Counter()
         self._names: NameAllocator | None = None
-        self._stale: dict[int, gs.Tensor] = {}
+        self.graphs: list[gs.Graph] = []
         self.has_clip = False
         self.graph_of: dict[int, gs.Graph] = {}
         self.current: gs.Graph | None = None  # the graph being rewritten
@@ -134,10 +133,16 @@ class _State:
     def index(self) -> ShapeIndex:
         return ShapeIndex(self.model)
 
+    @cached_property
+    def affine(self) -> AffineFolder:
+        """The shared affine fold (conv-add, gemm-add), recording into this pass's edits."""
+        return AffineFolder(self.model, index=self.index, graphs=self.graphs, edits=self.edits, names=self.name)
+
     def prepare(self, graphs: list[gs.Graph], anchors: set[str]) -> None:
         """Build the shape index now if any rewrite may need it — before the first rewrite
         changes the graph — and skip shape inference altogether when nothing can match
         (the last round of a fixed point, typically)."""
+        self.graphs = graphs
         self.has_clip = any(n.op == "Clip" for g in graphs for n in g.nodes)
         self.graph_of = {id(n): g for g in graphs for n in g.nodes}
         self.outputs = {id(t) for g in graphs for t in g.outputs}
@@ -165,7 +170,7 @@ class _State:
         return self._names(hint)
 
     def const(self, t: gs.Tensor) -> np.ndarray | None:
-        return small_const(t)
+        return const_value_if_small(t)
 
     def sole_use(self, t: gs.Tensor) -> gs.Node | None:
         """The only node reading ``t`` if it has exactly one and ``t`` is no graph output."""
@@ -180,37 +185,9 @@ class _State:
         if len(t.inputs) != 1:
             return None
         p = t.inputs[0]
-        if p.op != op or p.domain not in _STANDARD or id(p) in self.dead:
+        if p.op != op or p.domain not in _STANDARD or id(p) in self.edits.dead:
             return None
         return p if self.graph_of.get(id(p)) is self.current else None
-
-    def kill(self, *nodes: gs.Node) -> None:
-        """Mark nodes removed (unlinked in bulk at the end: see :meth:`settle`)."""
-        for n in nodes:
-            self.touched.extend(t for t in n.inputs if t.name)
-            self.dead.add(id(n))
-
-    def rewire(self, node: gs.Node, inputs: list[gs.Tensor]) -> None:
-        """Give ``node`` new inputs. The readers lists of the tensors it stops reading are
-        fixed in bulk by :meth:`settle`: removing one entry at a time scans the list, which
-        is quadratic for a constant shared by thousands of nodes."""
-        old = list(node.inputs)
-        list.__setitem__(node.inputs, slice(None), list(inputs))
-        for t in inputs:
-            list.append(t.outputs, node)
-        for t in old:
-            self._stale[id(t)] = t
-            self.touched.append(t)
-
-    def settle(self) -> None:
-        for t in self._stale.values():
-            fixed, seen = [], set()
-            for c in t.outputs:
-                if id(c) not in seen:
-                    seen.add(id(c))
-                    fixed.extend(c for x in c.inputs if x is t)
-            list.__setitem__(t.outputs, slice(None), fixed)
-        self._stale.clear()
 
     def float_dtype(self, *tensors: gs.Tensor) -> np.dtype:
         dtypes = {self.index.dtype(t) for t in tensors}
@@ -232,28 +209,18 @@ def _set_op(node: gs.Node, op: str, attrs: dict | None = None) -> None:
     vars(node).pop("attr_types", None)
 
 
-def _take_output(producer: gs.Node, consumer: gs.Node) -> None:
-    """Make ``producer`` produce ``consumer``'s output (keeping its name and type) and
-    remove ``consumer``."""
-    out = consumer.outputs[0]
-    consumer.outputs.clear()  # its inputs are unlinked with the other removed nodes
-    producer.outputs[0] = out
-
-
 # --------------------------------------------------------------------------------------
 # Bias additions
 # --------------------------------------------------------------------------------------
 
 
-def _channel_bias(c: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """``c`` as a ``[channels]`` bias if adding it to an ``[N, channels, ...]`` tensor of
-    this rank adds one value per channel without changing the shape; else None."""
-    if c.ndim > rank:
-        return None
-    shape = (1,) * (rank - c.ndim) + tuple(c.shape)
-    if rank < 2 or shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(c.reshape(-1), (channels,)).copy()
+#: The shared fold's reasons, under the names this pass has always reported them by.
+_CONV_REASONS = {"shared_output": "conv_output_shared", "graph_output": "conv_output_shared",
+                 "operand_not_per_channel": "not_per_channel", "operand_type": "dtype_mismatch",
+                 "weight_not_float": "not_float"}
+_GEMM_REASONS = {"shared_output": "gemm_output_shared", "graph_output": "gemm_output_shared",
+                 "operand_not_per_channel": "broadcast_changes_shape", "bias_not_constant": "c_not_constant",
+                 "weight_not_float": "not_float"}
 
 
 def _biased_producer(state: _State, add: gs.Node, ops: tuple[str, ...]) -> tuple[gs.Node | None, gs.Tensor | None]:
@@ -269,72 +236,23 @@ def _biased_producer(state: _State, add: gs.Node, ops: tuple[str, ...]) -> tuple
     return None, None
 
 
-def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
-    conv, y = _biased_producer(state, add, ("Conv", "ConvTranspose"))
-    if conv is None:
-        return False
-    if state.sole_use(y) is not add:
-        raise _Skip("conv_output_shared")
-    c = state.const(_other(add, y))
-    weight = conv.inputs[1]
-    wshape = state.index.static(weight)
-    if wshape is None or len(wshape) < 3:
-        raise _Skip("weight_shape_unknown")
-    dt = state.float_dtype(y, weight)
-    if c.dtype != dt:
-        raise _Skip("dtype_mismatch")
-    channels = wshape[0] if conv.op == "Conv" else wshape[1] * int(conv.attrs.get("group", 1))
-    bias = _channel_bias(c, len(wshape), channels)
-    if bias is None:
-        raise _Skip("not_per_channel")
-    old_bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    if old_bias is not None:
-        b = state.const(old_bias)
-        if b is None:
-            raise _Skip("bias_not_constant")
-        bias = (b + bias).astype(dt)
-    if state.ir3:
-        raise _Skip("ir3_no_new_initializers")
-    new_bias = gs.Constant(state.name(f"{y.name}_bias"), values=bias.astype(dt))
-    state.touched.extend(t for t in add.inputs if t.name)
-    state.rewire(conv, [conv.inputs[0], conv.inputs[1], new_bias])
-    _take_output(conv, add)
-    state.dead.add(id(add))
+def _fold_bias(state: _State, layer: gs.Node, add: gs.Node, reasons: dict[str, str]) -> bool:
+    """The bias ``add`` after ``layer`` folded by the shared affine fold (scale 1)."""
+    fold = state.affine.match(layer, add)
+    if isinstance(fold, str):
+        raise _Skip(reasons.get(fold, fold))
+    state.affine.apply(fold)
     return True
+
+
+def _conv_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
+    conv, _ = _biased_producer(state, add, ("Conv", "ConvTranspose"))
+    return conv is not None and _fold_bias(state, conv, add, _CONV_REASONS)
 
 
 def _gemm_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
-    gemm, y = _biased_producer(state, add, ("Gemm",))
-    if gemm is None:
-        return False
-    if state.sole_use(y) is not add:
-        raise _Skip("gemm_output_shared")
-    c = state.const(_other(add, y))
-    dt = state.float_dtype(y)
-    dims = state.index.dims(y)
-    if c.dtype != dt or dims is None or len(dims) != 2:
-        raise _Skip("shape_unknown")
-    if c.ndim > 2 or any(cd != 1 and cd != yd for cd, yd in zip(reversed(c.shape), reversed(dims))):
-        raise _Skip("broadcast_changes_shape")
-    beta = float(gemm.attrs.get("beta", 1.0))
-    old_c = gemm.inputs[2] if len(gemm.inputs) > 2 and gemm.inputs[2].name else None
-    if old_c is None:
-        new_c = _other(add, y)
-    else:
-        cv = state.const(old_c)
-        if cv is None:
-            raise _Skip("c_not_constant")
-        if state.ir3:
-            raise _Skip("ir3_no_new_initializers")
-        merged = (beta * cv.astype(np.float64) + c.astype(np.float64)).astype(dt)
-        new_c = gs.Constant(state.name(f"{y.name}_c"), values=merged)
-        state.touched.append(old_c)
-    state.touched.extend(t for t in add.inputs if t.name)
-    state.rewire(gemm, [gemm.inputs[0], gemm.inputs[1], new_c])
-    gemm.attrs["beta"] = 1.0
-    _take_output(gemm, add)
-    state.dead.add(id(add))
-    return True
+    gemm, _ = _biased_producer(state, add, ("Gemm",))
+    return gemm is not None and _fold_bias(state, gemm, add, _GEMM_REASONS)
 
 
 def _feeds_gelu(t: gs.Tensor) -> bool:
@@ -370,9 +288,8 @@ def _matmul_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
         raise _Skip("bias_gelu")
     c_tensor = _other(add, y)
     _set_op(mm, "Gemm")
-    state.rewire(mm, [a, b, c_tensor])
-    _take_output(mm, add)
-    state.dead.add(id(add))
+    state.edits.rewire(mm, [a, b, c_tensor])
+    state.edits.take_output(mm, add)
     return True
 
 
@@ -401,9 +318,9 @@ def _transpose_transpose(state: _State, g: gs.Graph, outer: gs.Node) -> bool:
     composed = [p_in[p] for p in p_out]
     x = inner.inputs[0]
     if composed == list(range(len(composed))) and bypass(g, outer.outputs[0], x):
-        state.kill(outer)
+        state.edits.remove(outer)
         return True
-    state.rewire(outer, [x])
+    state.edits.rewire(outer, [x])
     outer.attrs["perm"] = composed
     return True
 
@@ -423,7 +340,7 @@ def _reshape_reshape(state: _State, g: gs.Graph, outer: gs.Node) -> bool:
         raise _Skip("target_not_constant")
     if np.any(target == 0):
         raise _Skip("target_copies_dims")  # 0 copies a dimension of the inner result
-    state.rewire(outer, [inner.inputs[0], outer.inputs[1]])
+    state.edits.rewire(outer, [inner.inputs[0], outer.inputs[1]])
     return True
 
 
@@ -501,7 +418,7 @@ def _hardswish(state: _State, g: gs.Graph, final: gs.Node) -> bool:
     elif final.op == "Mul" and len(final.inputs) == 2:  # x * (clip / 6)
         for cand in final.inputs:
             div = cand.inputs[0] if len(cand.inputs) == 1 else None
-            if div is None or id(div) in state.dead or state.graph_of.get(id(div)) is not state.current:
+            if div is None or id(div) in state.edits.dead or state.graph_of.get(id(div)) is not state.current:
                 continue
             cl = _divided_by_six(state, div)
             if cl is None:
@@ -528,17 +445,17 @@ def _hardswish(state: _State, g: gs.Graph, final: gs.Node) -> bool:
     out_dt = state.index.dtype(final.outputs[0])
     if out_dt is not None and out_dt != dt:
         raise _Skip("dtype_mismatch")
-    state.touched.extend(t for n in (add, clip, *chain) for t in n.inputs if t.name)
+    state.edits.touched.extend(t for n in (add, clip, *chain) for t in n.inputs if t.name)
     if state.opset >= 14:
-        state.kill(add, clip, chain[1])
-        state.rewire(final, [x])
+        state.edits.remove(add, clip, chain[1])
+        state.edits.rewire(final, [x])
         _set_op(final, "HardSwish")
         return True
     # Before opset 14: x * HardSigmoid(x), HardSigmoid(x) = clip(x/6 + 1/2, 0, 1).
-    state.kill(add, chain[1])
-    state.rewire(clip, [x])
+    state.edits.remove(add, chain[1])
+    state.edits.rewire(clip, [x])
     _set_op(clip, "HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5})
-    state.rewire(final, [x, clip_out])
+    state.edits.rewire(final, [x, clip_out])
     _set_op(final, "Mul")
     return True
 

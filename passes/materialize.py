@@ -1,7 +1,7 @@
 """materialize: turn compact weight storage back into plain dense weights.
 
 ``prune-magnitude`` and ``share-weights`` store layers as small constants plus the
-ordinary ONNX ops that expand them (see :mod:`onnxopt.compact`). Onnxruntime folds those
+ordinary ONNX ops that expand them (see :mod:`onnxopt.weights`). Onnxruntime folds those
 ops when it creates a session, but other runtimes, converters and tools may want plain
 weights: this pass evaluates each expansion exactly (the ops involved do no float
 arithmetic) and writes the result as an initializer — a Constant node in IR < 4 models,
@@ -24,24 +24,16 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.compact import (
-    DECODER_OPS,
-    StorageWriter,
-    WeightSite,
-    decoder_cone,
-    storage_of,
-    tensor_value,
-)
 from onnxopt.framework import Pass, PassContext, PassResult, register
 from onnxopt.graph import GraphIndex
 from onnxopt.model import Model, iter_graphs
+from onnxopt.weights.decode import COMPACT, DECODER_OPS, decoder_cone, storage_of, tensor_value
+from onnxopt.weights.sites import WeightSite
+from onnxopt.weights.writer import StorageWriter
 
 __all__ = ["Materialize"]
 
 log = logging.getLogger(__name__)
-
-_COMPACT = ("sparse", "dense-idx", "sparse-idx")
-
 
 @register
 class Materialize(Pass):
@@ -70,7 +62,7 @@ class Materialize(Pass):
                         continue
                     seen.add(id(t))
                     kind = storage_of(t)
-                    if kind not in _COMPACT:
+                    if kind not in COMPACT:
                         continue
                     if id(t) in outputs:
                         log.debug("%s is a graph output: left compact", t.name)

@@ -1,26 +1,18 @@
 """merge-neurons: fold a neuron into a nearly parallel partner instead of just dropping it.
 
-If neuron ``j`` computes ``y_j = w_j·x + b_j`` and another neuron ``i`` of the same layer
-has ``(w_i, b_i)`` pointing the same way, ``(w_j, b_j) ≈ s·(w_i, b_i)`` with ``s > 0``,
-then after a positively homogeneous activation (ReLU, LeakyReLU, PReLU with equal
-slopes, none) ``act(y_j) ≈ s·act(y_i)``: whatever read ``j`` can read ``i`` scaled by
-``s``. So ``j`` is removed and ``s`` times its outgoing weights are added to ``i``'s
-(Kim et al., Neuron Merging, NeurIPS 2020). The layer's function is kept exactly when the
-incoming vectors are exactly parallel, and approximately when their cosine is close to 1.
+If neuron ``j`` computes ``w_j·x + b_j ≈ s·(w_i·x + b_i)`` with ``s > 0`` and a positively
+homogeneous activation follows (ReLU, LeakyReLU, PReLU with equal slopes, none), then
+whatever reads ``j`` can read ``i`` scaled by ``s``: ``j`` is removed and ``s`` times its
+outgoing weights are added to ``i``'s (Kim et al., Neuron Merging, NeurIPS 2020). The
+result is exact for exactly parallel vectors and close for a cosine near 1.
 
-The incoming vector of a channel is the layer's filter and bias seen through the
-per-channel affine ops before the activation (BatchNormalization, Mul/Add/Sub/Div by
-constants), so a Conv -> BN -> ReLU -> Conv block merges correctly. Between the
-activation and the layers that read the channels only ops linear per channel may stand
-(pooling, nearest/linear Resize, Concat, Flatten/Reshape, Transpose, a scalar Mul);
-after any other activation (sigmoid, hard-swish ...) only duplicates merge (``s ≈ 1``).
-Groups with several producers (residual joins) or a depthwise convolution, and groups
-whose channels pass through anything else, are left alone and counted by reason.
-
-Pairs are merged greedily, most parallel first, while their cosine reaches
-``threshold``, until ``ratio`` of a group's channels are gone. ``threshold=0`` turns the
-pass into pruning with compensation: the ``ratio`` least distinct channels are removed,
-each folded into its closest partner.
+The incoming vector is seen through the per-channel affine ops before the activation
+(BatchNormalization, Mul/Add/Sub/Div by constants); between the activation and the
+readers only ops linear per channel may stand, and after an activation that is not
+homogeneous only duplicates merge. Groups with several producers, a depthwise
+convolution, or anything else in the way are left alone and counted by reason. Pairs
+merge greedily, most parallel first, while their cosine reaches ``threshold`` and until
+``ratio`` of a group is gone (``threshold=0``: pruning with compensation).
 """
 
 from __future__ import annotations
@@ -31,8 +23,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.channels import FIXED, ChannelGroup, Member, analyze, keep_channels, layer_key
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.groups import FIXED, Group, Member, analyze, apply_keep, layer_key, param_value
+from onnxopt.graph import const_through_shape_ops
 from onnxopt.model import Model
 
 __all__ = ["MergeNeurons"]
@@ -97,7 +90,7 @@ class MergeNeurons(Pass):
                 key = (id(m.node), m.index)
                 w = overrides.get(key)
                 if w is None:
-                    w = np.array(param_value(m.node.inputs[m.index]), dtype=np.float64)
+                    w = np.array(const_through_shape_ops(m.node.inputs[m.index]), dtype=np.float64)
                 for survivor, gone, scale, _ in pairs:
                     _fold(w, m, g, groups.root, survivor, gone, scale)
                 overrides[key] = w
@@ -113,9 +106,9 @@ class MergeNeurons(Pass):
             return PassResult(False, stats)
         for key, w in overrides.items():
             node = next(m.node for m in groups.members if (id(m.node), m.index) == key)
-            overrides[key] = w.astype(param_value(node.inputs[key[1]]).dtype)
+            overrides[key] = w.astype(const_through_shape_ops(node.inputs[key[1]]).dtype)
         before = model.summary().parameters
-        apply_keep(model, groups, keep, overrides=overrides)
+        keep_channels(model, groups, keep, overrides=overrides)
         stats["parameters_before"] = before
         stats["parameters_after"] = model.summary().parameters
         return PassResult(True, stats)
@@ -126,7 +119,7 @@ class MergeNeurons(Pass):
 # --------------------------------------------------------------------------------------
 
 
-def _plan(g: Group, root) -> tuple[np.ndarray, bool] | str:
+def _plan(g: ChannelGroup, root) -> tuple[np.ndarray, bool] | str:
     """The incoming vector of every channel (filter and bias after the per-channel affine
     ops), and whether merging is limited to duplicates; or why the group cannot merge."""
     sources = [m for m in g.members if m.role == "out"]
@@ -137,12 +130,12 @@ def _plan(g: Group, root) -> tuple[np.ndarray, bool] | str:
     if any(m.kind in ("split", "slice_bounds") for m in g.members):
         return "split or sliced channels"
     src = sources[0]
-    w = param_value(src.node.inputs[src.index])
+    w = const_through_shape_ops(src.node.inputs[src.index])
     if w is None or w.dtype.kind != "f":
         return "weights not constant"
     w = np.moveaxis(np.asarray(w, np.float64), src.axis, 0).reshape(g.size, -1)
     bias = next((m for m in g.members if m.role == "bias" and m.node is src.node), None)
-    b = np.zeros(g.size) if bias is None else np.asarray(param_value(bias.node.inputs[bias.index]),
+    b = np.zeros(g.size) if bias is None else np.asarray(const_through_shape_ops(bias.node.inputs[bias.index]),
                                                          np.float64).reshape(-1)
     if src.node.op == "Gemm":
         w = w * float(src.node.attrs.get("alpha", 1.0))
@@ -167,14 +160,14 @@ def _plan(g: Group, root) -> tuple[np.ndarray, bool] | str:
             t = node.outputs[0]
             continue
         if op == "BatchNormalization":
-            p = [np.asarray(param_value(node.inputs[i]), np.float64) for i in range(1, 5)]
+            p = [np.asarray(const_through_shape_ops(node.inputs[i]), np.float64) for i in range(1, 5)]
             a = p[0] / np.sqrt(p[3] + float(node.attrs.get("epsilon", 1e-5)))
             scale, shift = scale * a, shift * a + p[1] - p[2] * a
             t = node.outputs[0]
             continue
         if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
             k = 1 if node.inputs[0] is t else 0
-            c = param_value(node.inputs[k])
+            c = const_through_shape_ops(node.inputs[k])
             if c is None:
                 return f"{op} with a computed operand"
             c = _per_channel(np.asarray(c, np.float64), g.size)
@@ -197,7 +190,7 @@ def _plan(g: Group, root) -> tuple[np.ndarray, bool] | str:
             continue
         if op in _HOMOGENEOUS:
             if op == "PRelu":
-                sl = param_value(node.inputs[1])
+                sl = const_through_shape_ops(node.inputs[1])
                 if sl is None:
                     return "PRelu with computed slopes"
                 slope = _per_channel(np.asarray(sl, np.float64), g.size)
@@ -230,7 +223,7 @@ def _per_channel(c: np.ndarray, size: int) -> np.ndarray | None:
     return None
 
 
-def _check_after(t: gs.Tensor, g: Group, root) -> str:
+def _check_after(t: gs.Tensor, g: ChannelGroup, root) -> str:
     """Everything between the activation and the layers reading the channels must be
     linear per channel."""
     stack = [t]
@@ -247,7 +240,7 @@ def _check_after(t: gs.Tensor, g: Group, root) -> str:
             op = node.op
             if op == "Mul" and len(node.inputs) == 2:
                 k = 1 if node.inputs[0] is cur else 0
-                c = param_value(node.inputs[k])
+                c = const_through_shape_ops(node.inputs[k])
                 if c is None or c.size != 1 or float(c.reshape(-1)[0]) <= 0:
                     return "Mul after the activation"
             elif op == "Resize":
@@ -320,7 +313,7 @@ def _positions(layout, root, channel: int, group_id: int) -> list[np.ndarray]:
     return found
 
 
-def _fold(w: np.ndarray, m: Member, g: Group, root, survivor: int, gone: int, scale: float) -> None:
+def _fold(w: np.ndarray, m: Member, g: ChannelGroup, root, survivor: int, gone: int, scale: float) -> None:
     """w[..., survivor, ...] += scale * w[..., gone, ...] along the member's input axis."""
     src = _positions(m.layout, root, gone, g.id)
     dst = _positions(m.layout, root, survivor, g.id)

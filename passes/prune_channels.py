@@ -1,32 +1,19 @@
 """prune-channels: remove whole channels and neurons, with everything that carries them.
 
 Unstructured sparsity makes a file smaller but rarely a CPU faster; removing whole
-output channels makes every kernel that touches them smaller. The channel-dependency
-groups (:mod:`onnxopt.groups`) say which channels must go together — a convolution's
-filters, its BatchNormalization parameters, the input channels of the layers that read
-them, the other branch of a residual Add, a slot in a Concat — and the rewrite keeps all
-of them consistent. Groups the analysis cannot vouch for (a Softmax over the channels, a
-graph output, a grouped convolution ...) are left alone and counted by reason.
+output channels makes every kernel that touches them smaller. The channel groups
+(:mod:`onnxopt.channels`) say which channels must go together — a convolution's filters,
+its BatchNormalization parameters, the input channels of the layers that read them, the
+other branch of a residual Add, a slot in a Concat — and the rewrite keeps all of them
+consistent; groups the analysis cannot vouch for are left alone and counted by reason.
 
-How many channels go: ``ratio`` of each group (``scope=group``); the lowest-ranked
-``ratio`` of all prunable channels together (``scope=global``, scores normalized per
-group); or ``ratio`` of all prunable channels shared out by sensitivity
-(``scope=sensitivity``): each group is pruned alone on a few calibration samples, its
-output error measured, and the removal distributed so that the predicted total error is
-least (insensitive groups lose up to ``max_ratio``, critical ones little). Never fewer
-than ``min_channels`` are kept and the kept count is rounded to the nearest multiple of
-``round_to``: onnxruntime's blocked (NCHWc) CPU convolutions only take channel counts
-that are multiples of 16 with AVX-512 (8 with AVX2) and fall back to a much slower path
-otherwise, so 30 % fewer channels can be barely faster without it. Which go: the lowest scores by
-``criterion`` — ``l1``/``l2`` norm of the filters that create the channels (the layer
-weights and depthwise kernels of the group), ``bn`` the magnitude of the BatchNormalization
-scales (network slimming; groups without one use ``l1``), or ``activation``: what the
-channel contributes where the next layers read it on the calibration data (its root mean
-square times the norm of the weights that read it).
-
-The pass is lossy: follow it with ``reconstruct`` (the original model is the teacher) to
-win back most of the fidelity. It records, in the model's metadata, which original
-channels each layer keeps, so that teacher and student can be matched.
+How many channels go is ``ratio`` of each group, of all channels ranked together, or of
+all channels shared out by the error each group causes alone on calibration data
+(``scope``); which go is the lowest-scored by ``criterion``. ``round_to`` keeps channel
+counts that onnxruntime's blocked CPU convolutions take (multiples of 16 with AVX-512, 8
+with AVX2), without which fewer channels need not run faster. The pass is lossy: follow
+it with ``reconstruct``; the channel map it records in the model's metadata lets teacher
+and student layers be matched.
 """
 
 from __future__ import annotations
@@ -36,8 +23,9 @@ import logging
 import numpy as np
 
 from onnxopt.activations import capture
+from onnxopt.channels import FIXED, ChannelGroup, ChannelGroups, analyze, keep_channels, layer_key
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.groups import FIXED, ChannelGroups, Group, analyze, apply_keep, layer_key
+from onnxopt.graph import const_through_shape_ops
 from onnxopt.model import Model
 
 __all__ = ["PruneChannels", "keep_counts", "group_scores"]
@@ -107,7 +95,7 @@ class PruneChannels(Pass):
             keep[g.id] = np.sort(order[:n])
         if not keep:
             return PassResult(False, stats)
-        rewrite = apply_keep(model, groups, keep)
+        rewrite = keep_channels(model, groups, keep)
         after = model.summary().parameters
         stats.update(groups_pruned=rewrite.groups_pruned, channels_removed=rewrite.channels_removed,
                      parameters_after=after,
@@ -117,7 +105,7 @@ class PruneChannels(Pass):
         return PassResult(True, stats)
 
 
-def _excluded(group: Group, names: list[str]) -> bool:
+def _excluded(group: ChannelGroup, names: list[str]) -> bool:
     if not names:
         return False
     wanted = set(names)
@@ -127,7 +115,7 @@ def _excluded(group: Group, names: list[str]) -> bool:
     return False
 
 
-def keep_counts(groups: list[Group], scores: dict[int, np.ndarray], ratio: float, *, scope: str = "group",
+def keep_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float, *, scope: str = "group",
                 round_to: int = 1, min_channels: int = 1, ratios: dict[int, float] | None = None
                 ) -> dict[int, int]:
     """How many channels each group keeps (``ratios``: a ratio per group, for
@@ -155,7 +143,7 @@ def keep_counts(groups: list[Group], scores: dict[int, np.ndarray], ratio: float
     return counts
 
 
-def sensitivities(model: Model, groups: list[Group], scores: dict[int, np.ndarray], ratio: float,
+def sensitivities(model: Model, groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
                   calibration, *, samples: int = 4) -> dict[int, float]:
     """For each group alone: the relative squared error of the model's outputs when
     ``ratio`` of its channels (the lowest-scored) are removed."""
@@ -176,7 +164,7 @@ def sensitivities(model: Model, groups: list[Group], scores: dict[int, np.ndarra
         found = analyze(work)
         keep = np.sort(np.argsort(-scores[g.id], kind="stable")[:n])
         try:
-            apply_keep(work, found, {g.id: keep})
+            keep_channels(work, found, {g.id: keep})
             sess = make_session(work)
         except Exception as exc:  # measured as worst: the group is then pruned least
             log.debug("sensitivity of group %s not measured: %s", g.id, exc)
@@ -194,7 +182,7 @@ def sensitivities(model: Model, groups: list[Group], scores: dict[int, np.ndarra
     return out
 
 
-def allocate(groups: list[Group], sens: dict[int, float], ratio: float, max_ratio: float) -> dict[int, float]:
+def allocate(groups: list[ChannelGroup], sens: dict[int, float], ratio: float, max_ratio: float) -> dict[int, float]:
     """Per-group ratios removing ``ratio`` of all channels with the least predicted
     error, if removing ``r`` of group g costs ``sens[g] * (r / ratio)**2``: the optimum
     gives each group a ratio proportional to its size over its sensitivity (capped)."""
@@ -223,7 +211,7 @@ def allocate(groups: list[Group], sens: dict[int, float], ratio: float, max_rati
     return {g.id: float(r[i]) for i, g in enumerate(groups)}
 
 
-def group_scores(model: Model, groups: ChannelGroups, selected: list[Group], criterion: str,
+def group_scores(model: Model, groups: ChannelGroups, selected: list[ChannelGroup], criterion: str,
                  ctx: PassContext, *, samples: int = 32, pass_name: str = "prune-channels"
                  ) -> tuple[dict[int, np.ndarray], int]:
     """Importance of every channel of each selected group (higher = keep), and how many
@@ -261,7 +249,8 @@ def _norm(p: int):
     return f
 
 
-def _to_group(groups: ChannelGroups, g: Group, layout, per_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _to_group(groups: ChannelGroups, g: ChannelGroup, layout,
+              per_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Spread a per-position vector of a member's layout onto the group's channels:
     (channel indices, values)."""
     idx, vals = [], []
@@ -279,15 +268,13 @@ def _to_group(groups: ChannelGroups, g: Group, layout, per_position: np.ndarray)
     return np.concatenate(idx), np.concatenate(vals)
 
 
-def _param_scores(groups: ChannelGroups, g: Group, roles: tuple[str, ...], fn) -> np.ndarray | None:
-    from onnxopt.groups import param_value
-
+def _param_scores(groups: ChannelGroups, g: ChannelGroup, roles: tuple[str, ...], fn) -> np.ndarray | None:
     total = np.zeros(g.size, np.float64)
     found = False
     for m in g.members:
         if m.role not in roles or m.kind != "slice":
             continue
-        w = param_value(m.node.inputs[m.index])
+        w = const_through_shape_ops(m.node.inputs[m.index])
         if w is None or w.dtype.kind != "f":
             continue
         per = np.asarray(fn(np.asarray(w), m.axis), dtype=np.float64).reshape(-1)
@@ -302,13 +289,11 @@ def _param_scores(groups: ChannelGroups, g: Group, roles: tuple[str, ...], fn) -
     return total if found else None
 
 
-def _activation_scores(model: Model, groups: ChannelGroups, selected: list[Group], calibration,
+def _activation_scores(model: Model, groups: ChannelGroups, selected: list[ChannelGroup], calibration,
                        samples: int) -> dict[int, np.ndarray]:
     """How much each channel contributes where the group's layers read it: the root mean
     square of the channel on the calibration data times the norm of the weights that
     read it (a small channel read by large weights matters as much as the reverse)."""
-    from onnxopt.groups import param_value
-
     wanted: dict[str, list] = {}
     main = {id(n) for n in model.graph.nodes}
     for g in selected:
@@ -316,7 +301,7 @@ def _activation_scores(model: Model, groups: ChannelGroups, selected: list[Group
             if m.role != "in" or m.kind != "slice" or id(m.node) not in main:
                 continue
             t = m.node.inputs[0]
-            w = param_value(m.node.inputs[m.index])
+            w = const_through_shape_ops(m.node.inputs[m.index])
             if t.name and w is not None:
                 wanted.setdefault(t.name, []).append((g, m, _norm(2)(np.asarray(w), m.axis)))
     if not wanted:

@@ -18,20 +18,18 @@ What is pruned is one of (given alone):
   (axis 1 with ``transB``), MatMul ``[..., K, N]`` axis -2.
 
 Only the weight operands of the chosen ops are candidates (``ops``, ``include``/
-``exclude`` name patterns, ``min_size``); biases, normalization parameters and tiny
-layers are never touched. A weight is an initializer, a Constant node (as Paddle exports
-store them) or a storage that an earlier compression pass wrote. Weights that a user may
-override (IR < 4 initializers listed as inputs), that another node reads as data, or
-that are graph outputs are skipped and counted. Ties at the threshold are broken by
-position, so the same options always zero the same weights.
+``exclude`` name patterns, ``min_size``), found and selected as
+:mod:`onnxopt.weights.sites` describes; biases and normalization parameters never are.
+Ties at the threshold are broken by position, so the same options always zero the same
+weights.
 
-A pruned layer is stored in whichever form is smallest (see :mod:`onnxopt.compact`):
-its non-zeros and their gap-coded positions, expanded by ``ScatterElements`` when
-onnxruntime creates the session — which makes session creation slower (up to about 2x
-on PP-OCR); ``storage=dense`` keeps plain tensors with zeros instead (no expansion; the
-file is smaller only once compressed by gzip/zip). The stats give per layer the sparsity reached, the weights zeroed
-and the storage, bits per weight, bytes (plain and gzipped) and ratio; the totals give
-the whole file's bytes before and after.
+A pruned layer is stored in whichever form is smallest
+(:mod:`onnxopt.weights.storage_plan`): its non-zeros and their gap-coded positions,
+expanded by ``ScatterElements`` when onnxruntime creates the session, which makes session
+creation slower; ``storage=dense`` keeps plain tensors with zeros instead (no expansion;
+the file is smaller only once compressed by gzip/zip). The stats give per layer the
+sparsity reached, the weights zeroed and the storage figures, and the whole file's bytes
+before and after.
 """
 
 from __future__ import annotations
@@ -42,22 +40,12 @@ from collections import Counter
 
 import numpy as np
 
-from onnxopt.compact import (
-    WEIGHT_OPS,
-    StorageWriter,
-    WeightSite,
-    check_selection,
-    check_targets,
-    compression_report,
-    find_weights,
-    model_opset,
-    pattern_value,
-    plan_storage,
-    select_weights,
-)
 from onnxopt.errors import PipelineError
-from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
+from onnxopt.framework import Opt, PassContext, register
 from onnxopt.model import Model
+from onnxopt.weights.compression_pass import Decision, WeightCompressionPass, selection_options
+from onnxopt.weights.sites import WeightSite
+from onnxopt.weights.storage_plan import model_opset, plan_storage
 
 __all__ = ["PruneMagnitude", "nm_mask"]
 
@@ -65,13 +53,12 @@ log = logging.getLogger(__name__)
 
 
 @register
-class PruneMagnitude(Pass):
+class PruneMagnitude(WeightCompressionPass):
     """Zero the smallest-magnitude weights of Conv/ConvTranspose/Gemm/MatMul layers (by
     sparsity, threshold or an N:M pattern) and store each pruned layer sparsely."""
 
     name = "prune-magnitude"
     summary = "zero the smallest weights (per-layer or global sparsity, threshold, N:M); sparse storage"
-    exact = False
     options = {
         "sparsity": Opt(float, 0.5, "fraction of weights to zero (used unless threshold or pattern is given)",
                         minimum=0.0, maximum=0.999),
@@ -81,17 +68,21 @@ class PruneMagnitude(Pass):
         "threshold_unit": Opt(str, "absolute", "threshold as a value, or in standard deviations of each layer",
                               choices=("absolute", "std")),
         "pattern": Opt(str, None, "N:M pattern instead: keep N of every M weights along the input dimension"),
-        "layers": Opt(list, [], "per-layer targets PATTERN=SPARSITY (regex on weight or node name; first match)"),
-        "ops": Opt(list, list(WEIGHT_OPS), "op types whose weight operand may be pruned"),
-        "include": Opt(list, [], "only weights whose name or node name matches one of these regexes"),
-        "exclude": Opt(list, [], "never weights whose name or node name matches one of these regexes"),
-        "min_size": Opt(int, 512, "leave layers with fewer weights than this alone", minimum=0),
+        **selection_options("pruned", "targets PATTERN=SPARSITY"),
         "storage": Opt(str, "compact", "compact: pruned layers stored sparsely (expanded at session creation); "
                        "dense: plain tensors with zeros", choices=("compact", "dense")),
     }
+    target_type = float
+    target_range = (0.0, 0.999)
+    lead_columns = ("layer", "params", "zeroed", "sparsity")
 
     def __init__(self, **values):
         super().__init__(**values)
+        if self.targets and (self.nm is not None or self.opts.threshold is not None):
+            raise PipelineError(f"pass '{self.name}': layers gives per-layer sparsities; "
+                                "it does not combine with threshold or pattern")
+
+    def check_options(self) -> None:
         modes = [k for k in ("sparsity", "threshold", "pattern") if self.given.get(k) is not None]
         if len(modes) > 1:
             raise PipelineError(f"pass '{self.name}': give one of sparsity, threshold or pattern; "
@@ -99,24 +90,15 @@ class PruneMagnitude(Pass):
         if "threshold_unit" in self.given and self.opts.threshold is None:
             raise PipelineError(f"pass '{self.name}': threshold_unit needs a threshold")
         self.nm = _parse_pattern(self.opts.pattern, self.name) if self.opts.pattern is not None else None
-        check_selection(self.name, self.opts.ops, self.opts.include + self.opts.exclude)
-        self.targets = check_targets(self.name, self.opts.layers, float, 0.0, 0.999)
-        if self.targets and (self.nm is not None or self.opts.threshold is not None):
-            raise PipelineError(f"pass '{self.name}': layers gives per-layer sparsities; "
-                                "it does not combine with threshold or pattern")
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        memo: dict = {}
-        found, skipped = find_weights(model, self.opts.ops, memo)
-        sites, not_selected = select_weights(found, min_size=self.opts.min_size,
-                                             include=self.opts.include, exclude=self.opts.exclude)
-        skipped.update(not_selected)
+    @property
+    def dense_storage(self) -> bool:
+        return self.opts.storage == "dense"
+
+    def decide(self, model: Model, sites: list[WeightSite], skipped: Counter, ctx: PassContext) -> Decision:
         opset = model_opset(model)
-
-        # Match: decide every layer's new values before anything changes.
         new_values = self._prune(sites, skipped)
-        writer = StorageWriter(model, memo)
-        rows, changed = [], 0
+        writes, rows = [], []
         zeroed_total = zeros_total = params_total = 0
         for site, new in zip(sites, new_values):
             zeros_before = int(np.count_nonzero(site.value == 0))
@@ -124,8 +106,7 @@ class PruneMagnitude(Pass):
             zeroed = zeros_after - zeros_before
             # A layer changes if it lost weights, or if it already has zeros but is still
             # stored densely when a compact form is smaller.
-            dense = self.opts.storage == "dense"
-            write = zeroed > 0 or (not dense and site.storage == "dense" and zeros_after > 0
+            write = zeroed > 0 or (not self.dense_storage and site.storage == "dense" and zeros_after > 0
                                    and plan_storage(site.value, opset=opset).kind != "dense")
             rows.append({"layer": site.name, "params": site.size, "zeroed": zeroed,
                          "sparsity": round(zeros_after / site.size, 4) if site.size else 0.0,
@@ -134,23 +115,14 @@ class PruneMagnitude(Pass):
             zeros_total += zeros_after
             params_total += site.size
             if write:
-                writer.write(site, new, dense=dense)
-                changed += 1
-        # Mutate: place the new storages, drop what they replaced.
-        storages = writer.commit()
-
-        stats = {
-            "layers_pruned": changed,
+                writes.append((site, new))
+        totals = {
+            "layers_pruned": len(writes),
             "weights_zeroed": zeroed_total,
             "sparsity": round(zeros_total / params_total, 4) if params_total else 0.0,
             "params": params_total,
-            "storages": storages,
-            "skipped": dict(sorted(skipped.items())),
         }
-        if rows:
-            stats["layers"], stats["total"] = _with_report(rows, compression_report(
-                model, ctx.reference, ops=self.opts.ops, names=[r["layer"] for r in rows]))
-        return PassResult(modified=changed > 0, stats=stats)
+        return Decision(writes, rows, totals)
 
     # ---- the criteria ------------------------------------------------------------------
 
@@ -175,7 +147,7 @@ class PruneMagnitude(Pass):
                 keep = np.abs(s.value.astype(np.float64)) >= t
                 out.append(np.where(keep, s.value, 0).astype(s.value.dtype))
             return out
-        targets = [pattern_value(self.targets, s, float) if self.targets else None for s in sites]
+        targets = [self.target(s) for s in sites]
         counts: list[int | None] = [None] * len(sites)
         pool = []
         for i, (s, target) in enumerate(zip(sites, targets)):
@@ -192,21 +164,6 @@ class PruneMagnitude(Pass):
             for i, value in zip(pool, _global_prune([sites[i].value for i in pool], self.opts.sparsity)):
                 out[i] = value
         return out
-
-
-def _with_report(rows: list[dict], report: dict) -> tuple[list[dict], dict]:
-    """Per-layer rows with the compression figures after the pruning ones (the telling
-    columns first: the terminal shows the first few)."""
-    by_name = {r["layer"]: r for r in report["layers"]}
-    merged = []
-    for r in rows:
-        fig = by_name.get(r["layer"], {})
-        head = {k: r[k] for k in ("layer", "params", "zeroed", "sparsity")}
-        head.update({k: fig.get(k) for k in ("storage", "bits_per_weight", "bytes", "gzip_bytes", "ratio")})
-        head.update({k: v for k, v in r.items() if k not in head})
-        head.update({k: v for k, v in fig.items() if k not in head})
-        merged.append(head)
-    return merged, report["total"]
 
 
 def _global_prune(values: list[np.ndarray], sparsity: float) -> list[np.ndarray]:

@@ -52,7 +52,7 @@ from onnxopt.errors import PipelineError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, toposort
 from onnxopt.model import Model, iter_graphs
-from onnxopt.shapes import infer_shapes
+from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import make_session
 
 from .quantize_calibrate import METHODS, QParams, activation_qparams, choose_range, collect
@@ -182,14 +182,13 @@ class Quantize(Pass):
         stats.update(profile=o.profile, method=o.method, activations="s8" if symmetric else "u8")
         if o.profile == "tensorrt" and o.activations == "u8" and "activations" in self.given:
             stats["activations_note"] = "the tensorrt profile is symmetric: activations are s8"
-        info = infer_shapes(work)
-        stats["folded"] = fold_affine(work, _ranks(info), NameAllocator(work))
+        stats["folded"] = fold_affine(work)
         per_channel, work = self._opset(work, calibration, stats, needed=o.per_channel)
-        info = infer_shapes(work)
+        index = ShapeIndex(work)
         plan_args = dict(profile=o.profile, per_channel=per_channel, symmetric=symmetric,
                          exclude=o.exclude or (), op_types=o.op_types, skip_first=o.skip_first,
                          skip_last=o.skip_last, depthwise=o.depthwise, min_in_channels=o.min_in_channels)
-        full = make_plan(work, info, **plan_args)
+        full = make_plan(work, index, **plan_args)
         stats["skipped"] = dict(full.skipped)
         if not full.units:
             stats["quantized"] = 0
@@ -198,7 +197,7 @@ class Quantize(Pass):
             return None
 
         # Calibrate every tensor any plan might quantize (the guard re-plans).
-        tensors = _calibration_superset(work, info, full)
+        tensors = _calibration_superset(work, index, full)
         observers, _, samples = collect(work, tensors, calibration, histogram=o.method != "minmax",
                                         progress=ctx.progress)
         stats["calibration_samples"] = samples
@@ -216,7 +215,7 @@ class Quantize(Pass):
             stats["float_tensors_nonfinite"] = len(bad)
             log.debug("quantize: tensors with inf/nan/sentinels or no data stay float: %s", sorted(bad)[:20])
 
-        builder = _StaticBuilder(work, info, plan_args, qparams, bad, o.reduce_range)
+        builder = _StaticBuilder(work, index, plan_args, qparams, bad, o.reduce_range)
         excluded: set[str] = set()
         q, plan, applied = builder.build(frozenset(excluded))
         if not plan.units:
@@ -317,12 +316,12 @@ class Quantize(Pass):
 
     def _weights(self, original: Model, work: Model, calibration, ctx: PassContext, stats: dict) -> Model | None:
         o = self.opts
-        info = infer_shapes(work)
+        index = ShapeIndex(work)
         dynamic = o.mode == "dynamic"
         default_ops = ("MatMul", "Gemm", "LSTM") if dynamic else ("MatMul",)
         op_types = tuple(o.op_types) if o.op_types else default_ops
         skipped: dict[str, int] = {}
-        ctx_ = PlanContext(work.graph, info, int(work.opset_imports.get("", 13)))
+        ctx_ = PlanContext(work.graph, index, int(work.opset_imports.get("", 13)))
         cands = [n for n in work.graph.nodes if n.op in ("MatMul", "Gemm", "Conv", "LSTM", "GRU")]
         chosen: list[str] = []
         firsts = {cands[0].name} if cands and o.skip_first else set()
@@ -451,10 +450,6 @@ def _name_nodes(model: Model, names: NameAllocator) -> None:
         seen.add(node.name)
 
 
-def _ranks(info) -> dict[str, int]:
-    return {k: len(v.shape) for k, v in info.items() if v.shape is not None}
-
-
 def _check_same(a: Model, b: Model, feeds: dict) -> None:
     ra = make_session(a).run(None, dict(feeds))
     rb = make_session(b).run(None, dict(feeds))
@@ -464,12 +459,12 @@ def _check_same(a: Model, b: Model, feeds: dict) -> None:
             raise ValueError("the converted model computes different outputs")
 
 
-def _calibration_superset(model: Model, info, plan: Plan) -> list[str]:
+def _calibration_superset(model: Model, index: ShapeIndex, plan: Plan) -> list[str]:
     """Names of every activation tensor a plan with some layers kept float might quantize."""
     names: dict[str, None] = {}
     for t in plan.act_tensors():
         names[t.name] = None
-    ctx = PlanContext(model.graph, info, int(model.opset_imports.get("", 13)))
+    ctx = PlanContext(model.graph, index, int(model.opset_imports.get("", 13)))
     for u in plan.units:
         out = u.node.outputs[0]
         if ctx.is_float_act(out):
@@ -495,10 +490,10 @@ def _calibration_superset(model: Model, info, plan: Plan) -> list[str]:
 class _StaticBuilder:
     """Builds the quantized model for a set of layers kept in float."""
 
-    def __init__(self, work: Model, info, plan_args: dict, qparams: dict[str, QParams], bad: set[str],
-                 reduce_range: bool):
+    def __init__(self, work: Model, index: ShapeIndex, plan_args: dict, qparams: dict[str, QParams],
+                 bad: set[str], reduce_range: bool):
         self.work = work
-        self.info = info
+        self.index = index
         self.plan_args = plan_args
         self.qparams = qparams
         self.bad = bad
@@ -507,10 +502,11 @@ class _StaticBuilder:
 
     def build(self, excluded: frozenset[str]):
         q = self.work.copy()
+        index = self.index.for_copy(q)
         ex = set(excluded)
         while True:
             ids = frozenset(id(n) for n in q.graph.nodes if n.name in ex)
-            plan = make_plan(q, self.info, excluded=ids, **self.plan_args)
+            plan = make_plan(q, index, excluded=ids, **self.plan_args)
             missing = [u.name for u in plan.units
                        if any(t.name not in self.qparams for t in _unit_tensors(u))]
             if not missing:

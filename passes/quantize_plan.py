@@ -40,7 +40,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import const_value
-from onnxopt.shapes import TensorInfo
+from onnxopt.tensorinfo import ShapeIndex
 
 __all__ = ["PROFILES", "Unit", "Plan", "PlanContext", "make_plan", "matches", "cheap_unit", "tail_of", "COMPUTE_OPS"]
 
@@ -130,19 +130,20 @@ def matches(node: gs.Node, patterns: Iterable[str]) -> bool:
 
 
 class PlanContext:
-    """What placement reads about a graph: dtypes, ranks, which nodes are in the main graph."""
+    """What placement reads about a graph: dtypes, ranks (from a shape index of the model
+    that holds ``graph``), which nodes are in the main graph."""
 
-    def __init__(self, graph: gs.Graph, info: dict[str, TensorInfo], opset: int):
+    def __init__(self, graph: gs.Graph, index: ShapeIndex, opset: int):
         self.graph = graph
-        self.info = info
+        self.index = index
         self.opset = opset
         self.main = {id(n) for n in graph.nodes}
         self.outputs = {id(t) for t in graph.outputs}
 
     def dtype(self, t: gs.Tensor) -> np.dtype | None:
-        ti = self.info.get(t.name)
-        if ti is not None and ti.dtype is not None:
-            return np.dtype(ti.dtype)
+        dt = self.index.dtype(t)
+        if dt is not None:
+            return np.dtype(dt)
         if t.dtype is not None:
             try:
                 return np.dtype(t.dtype)
@@ -151,9 +152,9 @@ class PlanContext:
         return None
 
     def rank(self, t: gs.Tensor) -> int | None:
-        ti = self.info.get(t.name)
-        if ti is not None and ti.shape is not None:
-            return len(ti.shape)
+        rank = self.index.rank(t)
+        if rank is not None:
+            return rank
         if isinstance(t, gs.Variable) and t.shape is not None:
             return len(t.shape)
         return None
@@ -205,9 +206,8 @@ def _compute_unit(node: gs.Node, ctx: PlanContext, profile: str, per_channel: bo
                 return "bias is not a float32 constant"
             bias_index = 2
         group = int(node.attrs.get("group", 1))
-        ti = ctx.info.get(ins[0].name)
-        if profile == "ort-cpu" and ti is not None and ti.shape is not None and len(ti.shape) >= 3 \
-                and all(d == 1 for d in ti.shape[2:]):
+        dims = ctx.index.dims(ins[0])
+        if profile == "ort-cpu" and dims is not None and len(dims) >= 3 and all(d == 1 for d in dims[2:]):
             return "1x1 feature map (squeeze-excitation): nothing to gain in int8"
         if profile == "ort-cpu" and not depthwise and group > 1 and w.shape[1] == 1:
             return "depthwise convolution (the CPU provider's int8 depthwise kernel is slower than its float one)"
@@ -294,16 +294,17 @@ def tail_of(t: gs.Tensor, ctx: PlanContext) -> list[gs.Node]:
     return [c]
 
 
-def make_plan(model, info: dict[str, TensorInfo], *, profile: str, per_channel: bool,
+def make_plan(model, index: ShapeIndex, *, profile: str, per_channel: bool,
               symmetric: bool, exclude: Iterable[str] = (), op_types: Iterable[str] | None = None,
               skip_first: bool = False, skip_last: bool = False,
               excluded: frozenset[int] = frozenset(), cheap: bool = True, depthwise: bool = False,
               min_in_channels: int = 1) -> Plan:
-    """Decide where Q/DQ go. ``excluded`` holds ids of nodes to keep in float (the
-    accuracy guard, fusion pruning); ``exclude`` are the user's patterns."""
+    """Decide where Q/DQ go. ``index`` is the shape index of ``model``; ``excluded``
+    holds ids of nodes to keep in float (the accuracy guard, fusion pruning); ``exclude``
+    are the user's patterns."""
     graph = model.graph
     opset = int(model.opset_imports.get("", 13))
-    ctx = PlanContext(graph, info, opset)
+    ctx = PlanContext(graph, index, opset)
     exclude = list(exclude)
     compute_ops = tuple(op_types) if op_types else COMPUTE_OPS[profile]
     plan = Plan(profile, [], symmetric)

@@ -19,10 +19,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import NameAllocator, const_value, toposort
 from onnxopt.model import Model
+from onnxopt.rewrite import prune_unused
 
 from .quantize_calibrate import QParams, activation_qparams, weight_scales
 from .quantize_plan import Plan, Unit
-from .quantize_prepare import drop_if_dead
 
 __all__ = ["Applied", "apply_qdq", "apply_dynamic", "apply_dynamic_lstm", "apply_weight_only", "matmulnbits_available",
            "quantize_weight"]
@@ -224,8 +224,7 @@ def apply_qdq(model: Model, plan: Plan, params: dict[int, QParams], names: NameA
             if ui in applied.unit_outputs:
                 applied.unit_outputs[ui] = (add.outputs[0].name, add.outputs[0].name)
     graph.nodes.extend(new_nodes)
-    for t in released:
-        drop_if_dead(graph, t, model)
+    prune_unused(model, released)
     toposort(graph)
     return applied
 
@@ -350,8 +349,7 @@ def apply_dynamic(model: Model, nodes: list[gs.Node], names: NameAllocator, *, p
         count += 1
     dead = {id(n) for n in nodes}
     graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
-    for t in released:
-        drop_if_dead(graph, t, model)
+    prune_unused(model, released)
     toposort(graph)
     return count
 
@@ -387,8 +385,7 @@ def apply_dynamic_lstm(model: Model, nodes: list[gs.Node], names: NameAllocator,
         node.outputs.clear()
     dead = {id(n) for n in nodes}
     graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
-    for t in released:
-        drop_if_dead(graph, t, model)
+    prune_unused(model, released)
     toposort(graph)
     if nodes:
         model.opset_imports.setdefault(MS, 1)
@@ -488,8 +485,7 @@ def apply_weight_only(model: Model, nodes: list[gs.Node], names: NameAllocator, 
             new_nodes.append(dn)
         released.append(b)
     graph.nodes = [x for x in graph.nodes if id(x) not in dead] + new_nodes
-    for t in released:
-        drop_if_dead(graph, t, model)
+    prune_unused(model, released)
     toposort(graph)
     if fmt == "matmulnbits":
         model.opset_imports.setdefault(MS, 1)

@@ -1,31 +1,20 @@
 """reconstruct: refit compressed layers so that they reproduce the teacher's activations.
 
-After a lossy pass (channel pruning, neuron merging, quantization, weight sharing) each
-layer sees different inputs and, often, has lost weights. The original model — the
-teacher, ``ctx.reference`` — still knows what each layer should output. For every layer
-whose output may have moved, ``reconstruct`` runs teacher and student on the calibration
-data, collects the student's inputs X of the layer and the teacher's outputs Y of the same
-layer, and refits the layer's weights and bias by ridge least squares,
-``W = (XᵀX + λI)⁻¹ XᵀY`` (He et al. 2017, channel pruning; Luo et al. 2017, ThiNet) —
-knowledge distillation, layer by layer, without a training framework.
+After a lossy pass each layer sees different inputs and may have lost weights; the
+original model (the teacher, ``ctx.reference``) still knows what each layer should
+output. For every layer whose output may have moved, the student's inputs X and the
+teacher's outputs Y of that layer are collected on the calibration data and the weights
+and bias refitted by ridge least squares, ``W = (XᵀX + λI)⁻¹ XᵀY`` (He et al. 2017; Luo
+et al. 2017, ThiNet) — distillation layer by layer, without a training framework. Only
+XᵀX and XᵀY are kept (convolutions on sampled im2col rows), layers are refitted in
+topological ``stages`` so that later ones see the refitted earlier ones, and a refit is
+kept only if it lowers the layer's error.
 
-Memory stays bounded: only XᵀX, XᵀY and the sums of Y² are accumulated, sample by
-sample; a convolution is fitted on ``patches`` randomly sampled output positions per
-sample (its im2col rows), never on all of them. Layers are refitted in ``stages`` in
-topological order, so that later layers are fitted on the inputs the already-refitted
-earlier layers give them. A refit is kept only if it lowers the layer's error on the
-collected data.
-
-Matching: a student layer and the teacher's are the same when they produce a tensor of
-the same name (passes keep tensor names); the output channels a pruned layer kept are read
-from the channel map that ``prune-channels``/``merge-neurons`` record in the model.
-Layers: Conv (1-D/2-D, grouped and depthwise included), ConvTranspose whose stride equals
-its kernel (no overlap), Gemm, MatMul with a constant 2-D weight; a bias in a following
-Add of a per-channel constant is fitted with the layer. Layers whose weights are not
-constant (quantized, shared through a codebook) get their bias corrected only.
-
-``bias_only`` is the cheap variant for any lossy pass: bias correction, ``b += E[Y_teacher −
-Y_student]`` per output channel.
+Student and teacher layers are matched by output tensor name and, after pruning, by the
+channel map in the model's metadata. Layers: Conv (1-D/2-D, grouped and depthwise
+included), ConvTranspose with stride equal to kernel, Gemm, MatMul with a constant 2-D
+weight, with a following per-channel bias Add. Layers whose weights are not constant,
+and every layer with ``bias_only``, get bias correction: ``b += E[Y_teacher − Y_student]``.
 """
 
 from __future__ import annotations
@@ -40,9 +29,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from onnxopt.channels import channel_maps, layer_key
 from onnxopt.errors import UsageError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
-from onnxopt.groups import channel_maps, layer_key, param_value, write_constant
+from onnxopt.graph import const_through_shape_ops, write_constant
 from onnxopt.model import Model
 from onnxopt.shapes import infer_shapes
 
@@ -328,6 +318,9 @@ def _outer_reads(node: onnx.NodeProto) -> list[str]:
 
 
 def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of each tensor, by name, for declaring the outputs of the stage
+    sessions. Inference runs on a throwaway model built from ``proto`` and the answers
+    go into protos by name, so no gs tensor of the model being refitted is asked about."""
     types = {}
     for name, info in infer_shapes(Model.from_proto(proto)).items():
         if info.dtype is not None:
@@ -400,12 +393,12 @@ def find_layers(student: Model, teacher: Model, which: str, skipped: Counter) ->
         if tnode is None or tnode.op != node.op:
             skipped["no teacher layer"] += 1
             continue
-        w = param_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        tw = param_value(tnode.inputs[1]) if len(tnode.inputs) > 1 else None
+        w = const_through_shape_ops(node.inputs[1]) if len(node.inputs) > 1 else None
+        tw = const_through_shape_ops(tnode.inputs[1]) if len(tnode.inputs) > 1 else None
         if node.op == "MatMul" and (w is None or w.ndim != 2):
             if tw is None:  # activation x activation, not a layer
                 continue
-        if node.op == "MatMul" and param_value(node.inputs[0]) is not None:
+        if node.op == "MatMul" and const_through_shape_ops(node.inputs[0]) is not None:
             continue
         weights = w is not None and w.dtype.kind == "f"
         is_changed = (w is None) != (tw is None) or (w is not None and tw is not None and (
@@ -458,7 +451,7 @@ def _bias_of(node: gs.Node, tnode: gs.Node):
     Add of a per-channel constant that the teacher has too. Returns (place, shape, target
     tensor name)."""
     if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
-        b = param_value(node.inputs[2])
+        b = const_through_shape_ops(node.inputs[2])
         if b is not None:
             return (node, 2), b.shape, node.outputs[0].name
         return None, None, node.outputs[0].name
@@ -467,7 +460,7 @@ def _bias_of(node: gs.Node, tnode: gs.Node):
     if len(consumers) == 1 and consumers[0].op == "Add" and len(consumers[0].inputs) == 2:
         add = consumers[0]
         other = 1 if add.inputs[0] is out else 0
-        b = param_value(add.inputs[other])
+        b = const_through_shape_ops(add.inputs[other])
         tout = tnode.outputs[0]
         t_ok = len(tout.outputs) == 1 and tout.outputs[0].op == "Add" and \
             tout.outputs[0].outputs[0].name == add.outputs[0].name
@@ -478,9 +471,9 @@ def _bias_of(node: gs.Node, tnode: gs.Node):
 
 def _bias_like(node: gs.Node, b: np.ndarray, tnode: gs.Node) -> bool:
     """A constant that adds one value per output channel of ``node``."""
-    w = param_value(node.inputs[1])
+    w = const_through_shape_ops(node.inputs[1])
     if w is None:  # weights computed at run time (quantized): the teacher says how many
-        w = param_value(tnode.inputs[1])
+        w = const_through_shape_ops(tnode.inputs[1])
     cout = _out_channels(node, w)
     if cout is None or cout < 2 or b.size != cout:
         return False
@@ -494,11 +487,11 @@ def _bias_like(node: gs.Node, b: np.ndarray, tnode: gs.Node) -> bool:
 def _same_bias(node: gs.Node, tnode: gs.Node, bias) -> bool:
     place, index = bias
     if place is node:
-        tb = param_value(tnode.inputs[index]) if len(tnode.inputs) > index else None
+        tb = const_through_shape_ops(tnode.inputs[index]) if len(tnode.inputs) > index else None
     else:
         tadd = tnode.outputs[0].outputs[0]
-        tb = param_value(tadd.inputs[index])
-    b = param_value(place.inputs[index])
+        tb = const_through_shape_ops(tadd.inputs[index])
+    b = const_through_shape_ops(place.inputs[index])
     return tb is not None and b is not None and b.shape == tb.shape and np.array_equal(b, tb)
 
 
@@ -538,7 +531,7 @@ def _conv_geometry(node: gs.Node, w: np.ndarray, x_shape) -> dict | None:
 
 def _features(la: Layer) -> int | None:
     node = la.node
-    w = param_value(node.inputs[1])
+    w = const_through_shape_ops(node.inputs[1])
     if w is None:
         return None
     if node.op == "Conv":
@@ -577,7 +570,7 @@ def _rows(la: Layer, x: np.ndarray, yt: np.ndarray, rng, patches: int):
     """Design rows X [G, P, F] and targets Y [G, P, O] sampled from one calibration
     sample (G = convolution groups)."""
     node = la.node
-    w = param_value(node.inputs[1])
+    w = const_through_shape_ops(node.inputs[1])
     if node.op == "Conv":
         geo = _conv_geometry(node, w, x.shape)
         if geo["nd"] == 1:
@@ -638,7 +631,7 @@ def _current_bias(la: Layer) -> np.ndarray:
     if la.bias is None:
         return np.zeros(cout)
     place, index = la.bias
-    b = np.asarray(param_value(place.inputs[index]), dtype=np.float64).reshape(-1)
+    b = np.asarray(const_through_shape_ops(place.inputs[index]), dtype=np.float64).reshape(-1)
     if place.op == "Gemm":
         b = b * float(place.attrs.get("beta", 1.0))
     return np.broadcast_to(b, (cout,)).copy() if b.size == 1 else b
@@ -646,7 +639,7 @@ def _current_bias(la: Layer) -> np.ndarray:
 
 def _current(la: Layer, with_bias: bool) -> np.ndarray:
     node = la.node
-    w = np.asarray(param_value(node.inputs[1]), dtype=np.float64)
+    w = np.asarray(const_through_shape_ops(node.inputs[1]), dtype=np.float64)
     if node.op == "Conv":
         g = int(node.attrs.get("group", 1))
         cout = w.shape[0]
@@ -667,7 +660,7 @@ def _current(la: Layer, with_bias: bool) -> np.ndarray:
 
 def _write_weights(model: Model, la: Layer, W: np.ndarray, with_bias: bool) -> None:
     node = la.node
-    w_old = param_value(node.inputs[1])
+    w_old = const_through_shape_ops(node.inputs[1])
     if with_bias:
         W, b = W[:, :-1, :], W[:, -1, :].reshape(-1)
     else:
@@ -692,12 +685,12 @@ def _write_weights(model: Model, la: Layer, W: np.ndarray, with_bias: bool) -> N
 def _write_bias(model: Model, la: Layer, b: np.ndarray) -> None:
     if la.bias is None:
         node = la.node
-        dtype = param_value(node.inputs[1]).dtype
+        dtype = const_through_shape_ops(node.inputs[1]).dtype
         write_constant(model, node, 2, b.astype(dtype))
         la.bias, la.bias_shape = (node, 2), b.shape
         return
     place, index = la.bias
-    old = param_value(place.inputs[index])
+    old = const_through_shape_ops(place.inputs[index])
     if place.op == "Gemm":
         b = b / float(place.attrs.get("beta", 1.0))
     if old.size == 1 and b.size > 1:

@@ -18,7 +18,7 @@ layer stores one ``bits``-bit index per weight plus the ``k`` centroids.
 Layer selection is as in ``prune-magnitude`` (``ops``, ``include``/``exclude``,
 ``min_size``; biases and normalization parameters are never candidates); ``layers`` gives
 some layers their own width (``PATTERN=BITS``). Each layer is stored in whichever form
-is smallest (:mod:`onnxopt.compact`): bit-packed indices expanded by
+is smallest (:mod:`onnxopt.weights.storage_plan`): bit-packed indices expanded by
 ``BitShift`` → ``Cast`` → ``Gather(codebook)`` → ``Reshape``, with the positions of the
 non-zeros gap-coded when the layer is sparse — all folded into plain weights when
 onnxruntime creates the session. The stats give per layer the bits, clusters, largest
@@ -28,21 +28,14 @@ weight change and the storage figures, and the whole file's bytes before and aft
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 
-from onnxopt.compact import (
-    WEIGHT_OPS,
-    StorageWriter,
-    check_selection,
-    check_targets,
-    compression_report,
-    find_weights,
-    pattern_value,
-    select_weights,
-)
-from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
+from onnxopt.framework import Opt, PassContext, register
 from onnxopt.model import Model
+from onnxopt.weights.compression_pass import Decision, WeightCompressionPass, selection_options
+from onnxopt.weights.sites import WeightSite
 
 __all__ = ["ShareWeights", "kmeans_1d"]
 
@@ -50,44 +43,30 @@ log = logging.getLogger(__name__)
 
 
 @register
-class ShareWeights(Pass):
+class ShareWeights(WeightCompressionPass):
     """Cluster each selected layer's weights into 2**bits shared values (k-means) and store
     a codebook plus bit-packed indices; zeros stay exact zeros."""
 
     name = "share-weights"
     summary = "k-means weight clustering (Deep Compression): codebook + low-bit indices"
-    exact = False
     options = {
         "bits": Opt(int, 5, "index bits per weight: 2**bits shared values per layer", minimum=2, maximum=8),
         "init": Opt(str, "linear", "centroid initialisation: linear over [min, max] (the paper) or kmeans++",
                     choices=("linear", "kmeans++")),
         "iterations": Opt(int, 50, "most Lloyd iterations per layer", minimum=1),
-        "layers": Opt(list, [], "per-layer widths PATTERN=BITS (regex on weight or node name; first match)"),
-        "ops": Opt(list, list(WEIGHT_OPS), "op types whose weight operand may be shared"),
-        "include": Opt(list, [], "only weights whose name or node name matches one of these regexes"),
-        "exclude": Opt(list, [], "never weights whose name or node name matches one of these regexes"),
-        "min_size": Opt(int, 512, "leave layers with fewer weights than this alone", minimum=0),
+        **selection_options("shared", "widths PATTERN=BITS"),
     }
+    target_type = int
+    target_range = (2, 8)
+    lead_columns = ("layer", "params", "bits", "clusters")
 
-    def __init__(self, **values):
-        super().__init__(**values)
-        check_selection(self.name, self.opts.ops, self.opts.include + self.opts.exclude)
-        self.targets = check_targets(self.name, self.opts.layers, int, 2, 8)
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        memo: dict = {}
-        found, skipped = find_weights(model, self.opts.ops, memo)
-        sites, not_selected = select_weights(found, min_size=self.opts.min_size,
-                                             include=self.opts.include, exclude=self.opts.exclude)
-        skipped.update(not_selected)
+    def decide(self, model: Model, sites: list[WeightSite], skipped: Counter, ctx: PassContext) -> Decision:
+        """Cluster every layer (its storage is planned when it is written)."""
         rng = np.random.default_rng(ctx.seed)
-
-        # Match: cluster every layer and plan its storage before the graph changes.
-        work = []
-        rows = []
+        writes, rows = [], []
         with ctx.progress.task(f"{self.name}: clustering", total=len(sites)) as advance:
             for site in sites:
-                bits = pattern_value(self.targets, site, int) if self.targets else None
+                bits = self.target(site)
                 bits = self.opts.bits if bits is None else bits
                 value = site.value
                 zero = value == 0
@@ -108,39 +87,13 @@ class ShareWeights(Pass):
                     centroids = np.zeros(0)
                     shared = np.zeros(value.shape, value.dtype)
                 change = float(np.max(np.abs(shared.astype(np.float64) - value))) if value.size else 0.0
-                work.append((site, shared))
+                writes.append((site, shared))
                 rows.append({"layer": site.name, "params": site.size, "bits": bits,
                              "clusters": int(np.unique(shared[shared != 0]).size),
                              "max_abs_change": change, "op": "/".join(site.ops), "shape": list(value.shape)})
                 advance(1)
-
-        # Mutate.
-        writer = StorageWriter(model, memo)
-        for site, shared in work:
-            writer.write(site, shared)
-        storages = writer.commit()
-
-        stats = {
-            "layers_shared": len(work),
-            "params": sum(r["params"] for r in rows),
-            "bits": self.opts.bits,
-            "storages": storages,
-            "skipped": dict(sorted(skipped.items())),
-        }
-        if rows:
-            report = compression_report(model, ctx.reference, ops=self.opts.ops, names=[r["layer"] for r in rows])
-            by_name = {r["layer"]: r for r in report["layers"]}
-            merged = []
-            for r in rows:  # the telling columns first: the terminal shows the first few
-                fig = by_name.get(r["layer"], {})
-                head = {k: r[k] for k in ("layer", "params", "bits", "clusters")}
-                head.update({k: fig.get(k) for k in ("storage", "bits_per_weight", "bytes", "gzip_bytes", "ratio")})
-                head.update({k: v for k, v in r.items() if k not in head})
-                head.update({k: v for k, v in fig.items() if k not in head})
-                merged.append(head)
-            stats["layers"] = merged
-            stats["total"] = report["total"]
-        return PassResult(modified=bool(work), stats=stats)
+        totals = {"layers_shared": len(writes), "params": sum(r["params"] for r in rows), "bits": self.opts.bits}
+        return Decision(writes, rows, totals)
 
 
 def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", iterations: int = 50,

@@ -8,8 +8,11 @@ from models import builders
 from onnxopt import optimize
 
 TOP = {"schema", "onnxopt", "pipeline", "input", "output", "passes", "converged", "groups", "validated",
-       "validation", "validation_mode", "validation_bound", "feeds", "seconds", "notes"}
-MODEL = {"path", "bytes", "nodes", "nodes_total", "initializers", "parameters", "tensor_bytes"}
+       "validation", "validation_mode", "validation_bound", "feeds", "seconds", "notes",
+       "layers", "search"}  # added within schema 1
+MODEL = {"path", "bytes", "nodes", "nodes_total", "initializers", "parameters", "tensor_bytes",
+         "ir_version", "opsets", "ops"}  # the last three added within schema 1
+LAYER = {"layer", "name", "op", "weight", "parameters", "channels", "channels_before", "bits", "float_by_guard"}
 PASS = {"name", "options", "exact", "modified", "seconds", "nodes_before", "nodes_after", "bytes_before",
         "bytes_after", "stats", "group", "round", "rolled_back", "error"}
 PROVIDER = {"provider", "passed", "outputs", "latency_ms", "error"}
@@ -33,6 +36,9 @@ def test_report_schema_is_stable(tmp_path):
     assert set(provider["latency_ms"]["reference"]) == {"median", "p90"}
     assert data["converged"] and data["groups"][0]["converged"]
     assert data["validation_mode"] == "exact" and data["feeds"]["source"] == "generated"
+    assert data["search"] is None
+    assert sum(data["input"]["ops"].values()) == data["input"]["nodes_total"]
+    assert data["layers"] and all(set(r) == LAYER for r in data["layers"])
 
 
 def test_no_validate_is_recorded():

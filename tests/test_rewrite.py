@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import onnx
 
+from onnxopt import Model
 from onnxopt.graph import replace_uses
 from onnxopt.model import extras
-from onnxopt.rewrite import drop_nodes, prune_unused, small_const
+from onnxopt.rewrite import Edits, const_value_if_small, drop_nodes, prune_unused
 from tests.helpers import ops, parse
 
 
@@ -39,15 +40,21 @@ def test_prune_keeps_graph_outputs_inputs_and_shared_tensors():
     assert removed == 1 and ops(model) == ["Relu", "Neg"]  # a is a graph output: kept
 
 
-def test_drop_nodes_unlinks_from_a_widely_shared_constant():
-    body = "  ".join(f"y{i} = Mul(x, c)" for i in range(50))
+def _fifty_readers_of_c(reader: str, first: str = "") -> Model:
+    """``first`` then fifty copies of ``reader`` (``{i}`` numbers them), each making an
+    output ``y{i}``, over the constants c and d."""
+    body = "  ".join(reader.format(i=i) for i in range(50))
     outs = ", ".join(f"float[2] y{i}" for i in range(50))
-    model = parse(f"""
+    return parse(f"""
         <ir_version: 9, opset_import: ["" : 18]>
         g (float[2] x) => ({outs})
-        <float[2] c = {{1.0, 2.0}}>
-        {{ {body} }}
+        <float[2] c = {{1.0, 2.0}}, float[2] d = {{3.0, 4.0}}>
+        {{ {first} {body} }}
     """)
+
+
+def test_drop_nodes_unlinks_from_a_widely_shared_constant():
+    model = _fifty_readers_of_c("y{i} = Mul(x, c)")
     c = model.graph.nodes[0].inputs[1]
     dead = {id(n) for n in model.graph.nodes[::2]}
     read = drop_nodes(model, dead)
@@ -56,7 +63,7 @@ def test_drop_nodes_unlinks_from_a_widely_shared_constant():
     assert sum(1 for t in read if t is c) == 25
 
 
-def test_small_const_does_not_load_large_weights():
+def test_const_value_if_small_does_not_load_large_weights():
     import numpy as np
     from onnx import numpy_helper
     from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -70,5 +77,28 @@ def test_small_const_does_not_load_large_weights():
     proto.graph.initializer.append(numpy_helper.from_array(np.zeros((512, 1024), np.float32), "w"))
     model = Model.from_proto(proto)
     w = model.graph.nodes[0].inputs[1]
-    assert small_const(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
-    assert small_const(w, limit=4 << 20).shape == (512, 1024)
+    assert const_value_if_small(w) is None and isinstance(w._values, LazyValues)  # 2 MB: left on disk
+    assert const_value_if_small(w, limit=4 << 20).shape == (512, 1024)
+
+
+def test_edits_rewire_remove_and_commit_in_one_sweep():
+    model = _fifty_readers_of_c("a{i} = Mul(x, c)  y{i} = Relu(a{i})", first="n = Neg(x)")
+    nodes = model.graph.nodes
+    c = nodes[1].inputs[1]
+    edits = Edits()
+    muls = [n for n in nodes if n.op == "Mul"]
+    for mul in muls[:25]:  # read d instead of c
+        edits.rewire(mul, [mul.inputs[0], extras(model.graph).initializers[1]])
+    for mul, relu in zip(muls[25:], [n for n in nodes if n.op == "Relu"][25:]):
+        edits.take_output(mul, relu)  # the Mul produces y_i; the Relu goes
+    edits.remove(nodes[0])
+    assert len(model.graph.nodes) == 101  # nothing leaves its graph before commit
+    removed, released = edits.commit(model)
+    assert (removed, released) == (26, 0)
+    assert sorted(ops(model)) == ["Mul"] * 50 + ["Relu"] * 25
+    assert len(c.outputs) == 25 and all(any(c is t for t in n.inputs) for n in c.outputs)
+    for mul in muls[25:]:
+        edits.rewire(mul, [mul.inputs[0], extras(model.graph).initializers[1]])
+    assert edits.commit(model) == (0, 1)  # c is read by nothing now
+    assert [t.name for t in extras(model.graph).initializers] == ["d"]
+    onnx.checker.check_model(model.to_proto())

@@ -96,3 +96,22 @@ def test_ranks_after_an_opset_12_reshape_with_a_computed_target():
     index = ShapeIndex(model)
     assert index.rank(_tensor(model, "r")) == 3  # ONNX inference says nothing here
     assert index.rank(_tensor(model, "y")) == 3
+
+
+def test_an_index_answers_for_a_copy_of_its_model_without_inferring_again(monkeypatch):
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 12]>
+        g (float[N,6] x, int64[3] s) => (float y)
+        { r = Reshape(x, s)  t = Transpose<perm = [0, 2, 1]>(r)  y = Relu(t) }
+    """)
+    index = ShapeIndex(model)
+    copy = model.copy()
+    import onnxopt.tensorinfo
+
+    monkeypatch.setattr(onnxopt.tensorinfo, "infer_shapes", lambda m: {})  # would blind it
+    of_copy = index.for_copy(copy)
+    r, r_copy = _tensor(model, "r"), _tensor(copy, "r")
+    assert r_copy is not r
+    assert of_copy.rank(r_copy) == 3 and of_copy.dtype(r_copy) == np.float32
+    assert of_copy.dims(_tensor(copy, "x")) == (None, 6)
+    assert of_copy.info(r) is None and index.info(r_copy) is None  # answers are by identity

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from onnxopt.activations import capture
+from onnxopt.channels import channel_maps
 from onnxopt.errors import CalibrationError, PassFailed, UsageError
 from onnxopt.framework import PassContext, PassResult
-from onnxopt.groups import channel_maps
 from onnxopt.labels import read_labels
 from onnxopt.model import Model
 

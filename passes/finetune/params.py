@@ -43,9 +43,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.compact import DECODER_OPS, decoder_cone, storage_of, tensor_value
 from onnxopt.graph import const_value
 from onnxopt.model import Model, iter_graphs
+from onnxopt.weights.decode import DECODER_OPS, decoder_cone, storage_of, tensor_value
 
 __all__ = ["Quant", "Leaf", "Site", "TrainPlan", "plan_training", "write_back", "restore"]
 

@@ -1,5 +1,6 @@
-"""Helpers for the compression tests: weights written into ONNX text, weight values read
-back, onnxruntime's optimized graph, and models with given dense weights."""
+"""Helpers for the compression tests: weights written into ONNX text, a two-layer model
+with given weights, weight values read back, onnxruntime's optimized graph, and models
+with given dense weights."""
 
 from __future__ import annotations
 
@@ -11,13 +12,30 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt import Model
-from onnxopt.compact import find_weights
 from onnxopt.graph import const_value
+from onnxopt.weights.sites import find_weights
+from tests.helpers import parse
 
 
 def values(arr: np.ndarray) -> str:
     """An array as the ``{...}`` value list of an ONNX-text initializer (exact float32)."""
     return "{" + ", ".join(repr(float(v)) for v in np.asarray(arr).ravel()) + "}"
+
+
+def two_layer_mlp(w0: np.ndarray, w1: np.ndarray, *, bias: np.ndarray | None = None, ir: int = 8,
+                  opset: int = 17) -> Model:
+    """``y = MatMul(Relu(MatMul(x, w0) [+ bias]), w1)`` with the given weights (initializers
+    ``w0``, ``b0``, ``w1``), IR version and opset."""
+    n_in, hidden = w0.shape
+    n_out = w1.shape[1]
+    b0 = "" if bias is None else f", float[{hidden}] b0 = {values(bias)}"
+    body = "h = MatMul(x, w0)  r = Relu(h)" if bias is None else "h = MatMul(x, w0)  a = Add(h, b0)  r = Relu(a)"
+    return parse(f"""
+        <ir_version: {ir}, opset_import: ["" : {opset}]>
+        g (float[N, {n_in}] x) => (float[N, {n_out}] y)
+        <float[{n_in}, {hidden}] w0 = {values(w0)}{b0}, float[{hidden}, {n_out}] w1 = {values(w1)}>
+        {{ {body}  y = MatMul(r, w1) }}
+    """)
 
 
 def weights(model: Model) -> dict[str, np.ndarray]:

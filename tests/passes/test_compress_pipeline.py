@@ -92,9 +92,9 @@ def test_light_architectures_have_nothing_to_compress(path):
 def test_compressed_model_runs_on_cuda_like_on_cpu():
     model = Model.load(real_model("ppocr-cls"))
     PassManager("prune-magnitude(sparsity=0.3),share-weights(bits=6)").run(model)
-    from models.ocr_inputs import ocr_feeds
+    from models.ocr import ocr_feeds
 
-    feeds = ocr_feeds("ppocr-cls")
+    (feeds,) = ocr_feeds("ppocr-cls")
     cpu = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     gpu = ort.InferenceSession(model.to_bytes(), providers=["CUDAExecutionProvider"]).run(None, feeds)[0]
     assert np.allclose(cpu, gpu, atol=1e-3)

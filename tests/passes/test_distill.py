@@ -87,10 +87,10 @@ def test_guards(digits, tmp_path):
 
 
 def test_ppocr_cls_head_through_softmax_and_a_computed_reshape():
-    from models.synthetic import calibration
+    from models.ocr import ocr_feeds
 
     model = Model.load(real_model("ppocr-cls"))
-    calib = calibration("ppocr-cls", 24, seed=0)
+    calib = ocr_feeds("ppocr-cls", 24, seed=0)
     student = _student(model, calib, "prune-channels(ratio=0.2,round_to=8)")
     ran = run_pass("distill", student, PassContext(reference=model, calibration=calib), holdout=0.25)
     s = ran.stats

@@ -117,7 +117,7 @@ def test_does_not_fire_without_float_computation_and_is_idempotent():
 
 @pytest.mark.parametrize("name", ["ppocr-det", "ppocr-rec", "ppocr-cls", "minilm"])
 def test_real_models_in_float16(name):
-    from models.ocr_data import ocr_feeds
+    from models.ocr import ocr_feeds
     from models.transformer import token_feeds
 
     model = Model.load(real_model(name))

@@ -112,6 +112,53 @@ def test_gemm_add_merges_into_c():
     _check(model, ran, {"x": _x(4, 3)})
 
 
+def test_bias_folds_go_through_the_shared_affine_fold(monkeypatch):
+    """conv-add and gemm-add are onnxopt.affine's fold with scale 1: the same match and
+    rewrite as fold-batchnorm's, so both passes leave the same bias."""
+    from onnxopt.affine import AffineFolder
+
+    calls = []
+    real_apply = AffineFolder.apply
+    monkeypatch.setattr(AffineFolder, "apply", lambda self, fold: calls.append(
+        (fold.layer.op, fold.kind)) or real_apply(self, fold))
+    conv, gemm = _conv(bias=True), parse(GEMM.format(c="float[1,2] c = {1.0, -1.0}", rows="N"))
+    for model, feeds in ((conv, {"x": _x(2, 2, 5, 5)}), (gemm, {"x": _x(4, 3)})):
+        fused = run_pass("fuse", model)
+        folded = run_pass("fold-batchnorm", model)
+        assert ops(fused.model) == ops(folded.model) == [model.graph.nodes[0].op]
+        assert np.array_equal(const_value(fused.model.graph.nodes[0].inputs[2]),
+                              const_value(folded.model.graph.nodes[0].inputs[2]))
+        _check(model, fused, feeds)
+    assert calls == [("Conv", "add"), ("Conv", "add"), ("Gemm", "add"), ("Gemm", "add")]
+
+
+GEMM = """
+    <ir_version: 9, opset_import: ["" : 18]>
+    g (float[{rows},3] x) => (float[{rows},2] y)
+    <float[3,2] w = {{1.0, 2.0, 3.0, 4.0, 5.0, 6.0}}, {c}>
+    {{ v = Gemm(x, w)  y = Add(v, c) }}
+"""
+
+
+def test_gemm_add_reads_a_constant_as_c_when_there_is_none():
+    model = parse(GEMM.format(c="float[2] c = {0.5, -1.0}", rows="N"))
+    ran = run_pass("fuse", model)
+    assert ran.stats["fused_gemm_add"] == 1 and ops(ran.model) == ["Gemm"]
+    assert ran.model.graph.nodes[0].inputs[2].name == "c"  # no copy
+    _check(model, ran, {"x": _x(3, 3)})
+
+
+def test_gemm_add_takes_a_constant_that_varies_along_known_rows_only():
+    rows = "float[4,2] c = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}"
+    known = parse(GEMM.format(c=rows, rows="4"))
+    ran = run_pass("fuse", known)
+    assert ran.stats["fused_gemm_add"] == 1 and ops(ran.model) == ["Gemm"]
+    _check(known, ran, {"x": _x(4, 3)})
+    dynamic = parse(GEMM.format(c=rows, rows="N"))
+    ran = run_pass("fuse", dynamic)
+    assert not ran.modified and ran.stats["kept_gemm_add_broadcast_changes_shape"] == 1
+
+
 MATMUL = """
     <ir_version: 9, opset_import: ["" : 18]>
     g (float[{xs}] x) => (float[{ys}] y)

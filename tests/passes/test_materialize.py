@@ -9,13 +9,14 @@ import onnx
 import pytest
 
 from models import builders
-from models.ocr_inputs import ocr_feeds
+from models.ocr import ocr_feeds
 from onnxopt import Model
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
     decoder_nodes,
     storages,
+    two_layer_mlp,
     values,
     weights,
 )
@@ -26,12 +27,7 @@ W1 = RNG.standard_normal((24, 16)).astype(np.float32)
 
 
 def mlp(ir: int = 8) -> Model:
-    return parse(f"""
-        <ir_version: {ir}, opset_import: ["" : 13]>
-        g (float[N, 32] x) => (float[N, 16] y)
-        <float[32, 24] w0 = {values(W0)}, float[24, 16] w1 = {values(W1)}>
-        {{ h = MatMul(x, w0)  r = Relu(h)  y = MatMul(r, w1) }}
-    """)
+    return two_layer_mlp(W0, W1, ir=ir, opset=13)
 
 
 def feeds() -> dict:
@@ -115,4 +111,4 @@ def test_real_models_materialize_exactly(name):
     ran = run_pass("materialize", small)
     assert ran.modified and decoder_nodes(ran.model) == 0
     assert io_signature(ran.model) == io_signature(model)
-    assert_identical_outputs(small, ran.model, ocr_feeds(name))
+    assert_identical_outputs(small, ran.model, ocr_feeds(name)[0])

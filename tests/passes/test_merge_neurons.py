@@ -111,7 +111,7 @@ def test_digits_merging_beats_plain_pruning_at_equal_size():
 
 @pytest.mark.parametrize("name", REAL_MODEL_NAMES)
 def test_real_models_merge_only_where_the_activation_allows_and_still_run(name):
-    from models.synthetic import calibration
+    from models.ocr import ocr_feeds
     from onnxopt.validate import run_model
 
     model = Model.load(real_model(name))
@@ -119,5 +119,5 @@ def test_real_models_merge_only_where_the_activation_allows_and_still_run(name):
     assert ran.stats["groups_considered"] < ran.stats["groups"]
     assert ran.stats["skipped"]  # hard-swish blocks, depthwise convs, residual joins ...
     assert io_signature(ran.model) == io_signature(model)
-    feeds = calibration(name, 1, seed=2, size=(96, 128) if name == "ppocr-det" else None)[0]
+    feeds = ocr_feeds(name, 1, seed=2, size=(96, 128) if name == "ppocr-det" else None)[0]
     assert all(np.isfinite(v).all() for v in run_model(ran.model, feeds).values())

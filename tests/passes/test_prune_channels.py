@@ -10,14 +10,14 @@ import pytest
 from models import builders
 from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
-from models.synthetic import calibration
+from models.ocr import ocr_feeds
 from onnxopt import Model
+from onnxopt.channels import analyze
 from onnxopt.errors import CalibrationError, PipelineError
 from onnxopt.framework import PassContext
-from onnxopt.groups import analyze
 from onnxopt.validate import compare_outputs, run_model
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
-from tests.test_groups import PPOCR_SHAPES
+from tests.test_channels import PPOCR_SHAPES
 
 MLP = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -178,18 +178,18 @@ def test_real_models_pruned_pass_the_checker_run_and_keep_their_io(name):
     assert ran.modified and ran.stats["channels_removed"] > 0.2 * ran.stats["channels_prunable"]
     assert ran.stats["parameters_after"] < 0.8 * ran.stats["parameters_before"]
     assert io_signature(ran.model) == io_signature(model)
-    feeds = calibration(name, 1, seed=3, size=PPOCR_SHAPES[name][2:])[0]
+    feeds = ocr_feeds(name, 1, seed=3, size=PPOCR_SHAPES[name][2:])[0]
     want, got = run_model(model, feeds), run_model(ran.model, feeds)
     for key in want:
         assert got[key].shape == want[key].shape and np.isfinite(got[key]).all()
     # dynamic sizes still work: another input size
-    other = calibration(name, 1, seed=4, size=(64, 96) if name == "ppocr-det" else (48, 256))[0]
+    other = ocr_feeds(name, 1, seed=4, size=(64, 96) if name == "ppocr-det" else (48, 256))[0]
     run_model(ran.model, other)
 
 
 def test_ppocr_cls_output_drifts_more_the_more_is_pruned():
     model = Model.load(real_model("ppocr-cls"))
-    feeds = calibration("ppocr-cls", 4, seed=5)
+    feeds = ocr_feeds("ppocr-cls", 4, seed=5)
     x = {"x": np.concatenate([f["x"] for f in feeds])}
     name = "save_infer_model/scale_0.tmp_1"
     want = run_model(model, x)[name]

@@ -184,6 +184,36 @@ def test_three_d_matmul_keeps_a_float_bias_and_fuses_to_matmulintegertofloat():
     assert ran.stats["integer_kernels"] == {"MatMulIntegerToFloat": 1}
 
 
+def test_affine_ops_are_folded_first_reading_operands_through_shape_ops():
+    """BatchNorm and a per-channel Div whose divisor is a Reshape of a constant (as Paddle
+    exports it) go into the Conv (onnxopt.affine's fold), so the Conv is followed directly
+    by its Relu and QuantizeLinear, as onnxruntime fuses it."""
+    model = with_weights("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 8, 8] x, float[8, 4, 3, 3] w, float[8] s, float[8] b, float[8] m, float[8] v,
+           float[8] k) => (float[N, 8, 8, 8] y)
+        {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            n = BatchNormalization(c, s, b, m, v)
+            shape = Constant <value = int64[4] {1, 8, 1, 1}> ()
+            k4 = Reshape(k, shape)
+            d = Div(n, k4)
+            y = Relu(d)
+        }
+    """, w=RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
+        s=(1 + 0.2 * RNG.standard_normal(8)).astype(np.float32), b=(0.1 * RNG.standard_normal(8)).astype(np.float32),
+        m=(0.1 * RNG.standard_normal(8)).astype(np.float32), v=(0.5 + RNG.random(8)).astype(np.float32),
+        k=(0.5 + RNG.random(8)).astype(np.float32))
+    ran = run_pass("quantize", model, ctx_for(model, calib(model, x=(1, 4, 8, 8))))
+    assert ran.stats["folded"] == 2 and ran.stats["quantized_ops"] == {"Conv": 1}
+    assert not {"BatchNormalization", "Div", "Reshape"} & set(ops(ran.model))
+    conv = next(n for n in ran.model.graph.nodes if n.op == "Conv")
+    assert [c.op for c in conv.outputs[0].outputs] == ["Relu"]
+    assert [c.op for c in next(n for n in ran.model.graph.nodes if n.op == "Relu").outputs[0].outputs] \
+        == ["QuantizeLinear"]
+    assert cosine(model, ran.model, calib(model, 4, seed=5, x=(2, 4, 8, 8))) > 0.99
+
+
 def test_dynamic_shapes_ragged_calibration():
     model = with_weights("""
         <ir_version: 8, opset_import: ["" : 17]>
@@ -354,6 +384,30 @@ def test_subgraph_bodies_stay_float_and_outer_reads_still_work():
         got, ref = run_model(ran.model, feeds)["y"], run_model(model, feeds)["y"]
         assert compare_outputs("y", ref, got, exact=False).cosine > 0.99
     assert io_signature(ran.model) == io_signature(model)
+
+
+def test_affine_ops_inside_subgraph_bodies_are_folded_but_stay_float():
+    model = with_weights("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 16] x, bool c, float[16, 16] w, float[16] k) => (float[N, 16] y)
+        {
+            h = MatMul(x, w)
+            r = Relu(h)
+            y = If(c) <
+                then_branch = t () => (float[N, 16] a) { a0 = MatMul(r, w)  a = Mul(a0, k) },
+                else_branch = e () => (float[N, 16] b) { b = Neg(r) }
+            >
+        }
+    """, w=RNG.standard_normal((16, 16)).astype(np.float32), k=(0.5 + RNG.random(16)).astype(np.float32))
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((2, 16)).astype(np.float32), "c": np.array(i % 2 == 0)} for i in range(8)]
+    ran = run_pass("quantize", model, ctx_for(model, data))
+    assert ran.stats["folded"] == 1 and ran.stats["quantized_ops"] == {"MatMul": 1}
+    then = ran.model.graph.nodes[-1].attrs["then_branch"]
+    assert [n.op for n in then.nodes] == ["MatMul"]  # folded, and float
+    for feeds in data[:2]:
+        got, ref = run_model(ran.model, feeds)["y"], run_model(model, feeds)["y"]
+        assert compare_outputs("y", ref, got, exact=False).cosine > 0.99
 
 
 # --------------------------------------------------------------------------------------

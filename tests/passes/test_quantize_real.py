@@ -12,7 +12,7 @@ import pytest
 from onnxopt.passes.quantize_fusion import analyze_fusion
 
 from models.fetch import light_models
-from models.ocr_data import cls_images, ctc_decode, mask_iou, ocr_feeds
+from models.ocr import cls_labels, ctc_decode, mask_iou, ocr_feeds
 from models.transformer import token_feeds, transformer
 from onnxopt import Model
 from onnxopt.framework import PassContext
@@ -75,7 +75,7 @@ def test_ppocr_det_keeps_its_text_mask():
 
 def test_ppocr_cls_keeps_its_accuracy_on_labelled_lines():
     model, ran = quantized("ppocr-cls")
-    x, y = cls_images(24, seed=77)
+    x, y = np.concatenate([f["x"] for f in ocr_feeds("ppocr-cls", 24, seed=77)]), cls_labels(24)
     ref = run_model(model, {"x": x})
     got = run_model(ran.model, {"x": x})
     key = next(iter(ref))
@@ -181,7 +181,7 @@ def test_int8_presets_clean_up_before_quantizing_ppocr_cls(preset):
     import onnxopt
 
     model = Model.load(real_model("ppocr-cls"))
-    x, _ = cls_images(4, seed=31)
+    x = np.concatenate([f["x"] for f in ocr_feeds("ppocr-cls", 4, seed=31)])
     q, report = onnxopt.optimize(model, preset, calibration=ocr_feeds("ppocr-cls", 8, seed=0),
                                  feeds={"x": x[:1]})
     modified = {r["name"] for r in report.passes if r["modified"]}

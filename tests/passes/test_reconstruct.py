@@ -8,7 +8,7 @@ import pytest
 
 from models import builders
 from models.digits import accuracy, digits_mlp, digits_split
-from models.synthetic import calibration
+from models.ocr import ocr_feeds
 from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.framework import PassContext
@@ -180,7 +180,7 @@ def test_digits_half_the_neurons_removed_costs_at_most_one_point_after_reconstru
 
 def test_ppocr_cls_error_at_least_halved():
     model = Model.load(real_model("ppocr-cls"))
-    calib, test = calibration("ppocr-cls", 16, seed=0), calibration("ppocr-cls", 4, seed=9)
+    calib, test = ocr_feeds("ppocr-cls", 16, seed=0), ocr_feeds("ppocr-cls", 4, seed=9)
     pruned, _ = _pipeline(model, "prune-channels(ratio=0.2,round_to=8)", calib)
     fixed, records = _pipeline(model, "prune-channels(ratio=0.2,round_to=8),reconstruct(samples=16)", calib)
     assert records[1].stats["refit"] > 30
@@ -192,7 +192,7 @@ def test_ppocr_cls_error_at_least_halved():
 @pytest.mark.parametrize("name", ["ppocr-det", "ppocr-rec"])
 def test_ppocr_det_and_rec_error_at_least_halved(name):
     model = Model.load(real_model(name))
-    calib, test = calibration(name, 32, seed=0), calibration(name, 8, seed=99)  # as the benchmark
+    calib, test = ocr_feeds(name, 32, seed=0), ocr_feeds(name, 8, seed=99)  # as the benchmark
     pruned, _ = _pipeline(model, "prune-channels(ratio=0.3,round_to=16)", calib)
     fixed, _ = _pipeline(model, "prune-channels(ratio=0.3,round_to=16),reconstruct", calib)
     assert _error(model, fixed, test) < _error(model, pruned, test) / 2

@@ -9,7 +9,7 @@ from onnxopt.passes.share_weights import kmeans_1d
 
 from models.digits import accuracy, digits_mlp, digits_split
 from models.fetch import light_models
-from models.ocr_inputs import ocr_feeds
+from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
@@ -20,6 +20,7 @@ from tests.passes.compress_helpers import (
     optimized_ops,
     run,
     storages,
+    two_layer_mlp,
     values,
     weights,
     with_weights,
@@ -31,13 +32,7 @@ W1 = RNG.standard_normal((24, 32)).astype(np.float32)
 
 
 def mlp(w0: np.ndarray = W0, w1: np.ndarray = W1) -> Model:
-    return parse(f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 32] x) => (float[N, 32] y)
-        <float[32, 24] w0 = {values(w0)}, float[24] b0 = {values(np.linspace(-1, 1, 24))},
-         float[24, 32] w1 = {values(w1)}>
-        {{ h = MatMul(x, w0)  a = Add(h, b0)  r = Relu(a)  y = MatMul(r, w1) }}
-    """)
+    return two_layer_mlp(w0, w1, bias=np.linspace(-1, 1, 24))
 
 
 def feeds() -> dict:
@@ -229,13 +224,13 @@ def test_digits_classifier_keeps_its_accuracy_at_five_bits():
 
 @pytest.mark.parametrize("name, init", [("ppocr-det", "kmeans++"), ("ppocr-rec", "linear"), ("ppocr-cls", "linear")])
 def test_real_models_share_and_stay_faithful(name, init):
-    """8-bit sharing on text images (real handwritten digits): the detector's map, the
+    """8-bit sharing on text images (printed text rendered with Pillow): the detector's map, the
     recognizer's characters and the classifier's score stay; all on stock onnxruntime."""
     model = Model.load(real_model(name))
     ran = run_pass("share-weights", model, bits=8, init=init)
     assert ran.stats["layers_shared"] >= 10
     assert io_signature(ran.model) == io_signature(model)
-    x = ocr_feeds(name)
+    (x,) = ocr_feeds(name)
     (a,), (b,) = run(model, x), run(ran.model, x)
     if name == "ppocr-det":
         text_a, text_b = a > 0.3, b > 0.3

@@ -12,9 +12,9 @@ import pytest
 from models import builders
 from models.digits import accuracy, digits_mlp, digits_split
 from onnxopt import Model
+from onnxopt.channels import CHANNEL_MAP_KEY
 from onnxopt.cli import main
 from onnxopt.errors import EXIT_USAGE
-from onnxopt.groups import CHANNEL_MAP_KEY
 from tests.helpers import io_signature
 
 

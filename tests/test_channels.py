@@ -1,4 +1,4 @@
-"""Channel-dependency groups: what goes together, what is refused and why, and that the
+"""Channel groups: what goes together, what is refused and why, and that the
 rewrite is exact — removing channels equals zeroing the weights that read them — on toy
 graphs and on the real models; plus the analysis on every conformance model."""
 
@@ -14,10 +14,10 @@ from models import builders
 from models.digits import digits_mlp
 from models.fetch import light_models
 from onnxopt import Model
+from onnxopt.channels import CHANNEL_MAP_KEY, analyze, channel_maps, keep_channels, kept_positions
 from onnxopt.cli import main
 from onnxopt.data import random_feeds
-from onnxopt.groups import CHANNEL_MAP_KEY, analyze, apply_keep, channel_maps, param_value
-from onnxopt.groups import _positions as positions
+from onnxopt.graph import const_through_shape_ops
 from onnxopt.validate import compare_outputs, run_model
 from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model
 
@@ -56,14 +56,14 @@ def zero_removed_inputs(model: Model, keep: dict) -> Model:
     for m in found.members:
         if m.role != "in" or not any(found.root(s) in keep for s in m.layout.spaces()):
             continue
-        kept = positions(m.layout, {k: np.asarray(v) for k, v in keep.items()}, found.root)
+        kept = kept_positions(m.layout, {k: np.asarray(v) for k, v in keep.items()}, found.root)
         drop = np.setdiff1d(np.arange(m.layout.width), kept)
-        w = np.array(param_value(m.node.inputs[m.index]), copy=True)
+        w = np.array(const_through_shape_ops(m.node.inputs[m.index]), copy=True)
         index = [slice(None)] * w.ndim
         index[m.axis] = drop
         w[tuple(index)] = 0
         overrides[(id(m.node), m.index)] = w
-    apply_keep(work, found, {}, overrides=overrides)
+    keep_channels(work, found, {}, overrides=overrides)
     return work
 
 
@@ -75,7 +75,7 @@ def check_exact_pruning(model: Model, shapes=None, keep_fraction: float = 0.6, s
             for g in found.prunable}
     reference = zero_removed_inputs(model, keep)
     pruned = model.copy()
-    stats = apply_keep(pruned, analyze(pruned), keep)
+    stats = keep_channels(pruned, analyze(pruned), keep)
     onnx.checker.check_model(pruned.to_proto())
     assert io_signature(pruned) == io_signature(model)
     assert stats.channels_removed == sum(g.size - len(keep[g.id]) for g in found.prunable)
@@ -108,7 +108,7 @@ def test_pruning_conv_bn_removes_filters_bn_entries_and_input_channels():
     found = analyze(model)
     g = _group_of(found, "c1")
     work = model.copy()
-    apply_keep(work, analyze(work), {g.id: [0, 2, 5]})
+    keep_channels(work, analyze(work), {g.id: [0, 2, 5]})
     shapes = {t.name: t.values.shape for t in work.constants()}
     assert shapes["w1"] == (3, 3, 1, 1) and shapes["s"] == (3,) and shapes["var"] == (3,)
     assert shapes["w2"] == (4, 3, 1, 1)
@@ -342,19 +342,19 @@ def test_pruning_twice_composes_the_channel_map():
     model = parse(CONV_BN)
     once = model.copy()
     g = _group_of(analyze(once), "c1")
-    apply_keep(once, analyze(once), {g.id: [1, 2, 3, 5]})
+    keep_channels(once, analyze(once), {g.id: [1, 2, 3, 5]})
     g = _group_of(analyze(once), "c1")
-    apply_keep(once, analyze(once), {g.id: [0, 3]})
+    keep_channels(once, analyze(once), {g.id: [0, 3]})
     assert channel_maps(once)["c1"] == [1, 5]
 
 
-def test_apply_keep_refuses_an_unprunable_group_and_changes_nothing():
+def test_keep_channels_refuses_an_unprunable_group_and_changes_nothing():
     model = parse(CONV_BN)
     found = analyze(model)
     out = _group_of(found, "y")
     before = model.to_bytes()
     with pytest.raises(ValueError):
-        apply_keep(model, found, {out.id: [0]})
+        keep_channels(model, found, {out.id: [0]})
     assert model.to_bytes() == before
 
 
@@ -397,14 +397,14 @@ def test_analysis_runs_on_ppocr(name):
 # ---- the command line -------------------------------------------------------------------
 
 
-def test_inspect_groups_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
+def test_inspect_channel_groups_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     path = tmp_path / "cnn.onnx"
     onnx.save(builders.cnn(), path)
-    assert main(["inspect", str(path), "--groups"]) == 0
+    assert main(["inspect", str(path), "--channel-groups"]) == 0
     out = capsys.readouterr().out
     assert "channel groups: 3 of 4 prunable" in out and "reaches graph output" in out
-    assert main(["inspect", str(path), "--groups", "--json"]) == 0
+    assert main(["inspect", str(path), "--channel-groups", "--json"]) == 0
     import json
 
     data = json.loads(capsys.readouterr().out)
