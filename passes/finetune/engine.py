@@ -63,9 +63,37 @@ def _hint_terms(specs: list[str], student: Model, teacher: Model, name: str) -> 
         if tensor not in s_names or tensor not in t_names:
             where = "student" if tensor not in s_names else "teacher"
             raise UsageError(f"{name}: hint '{tensor}' is not a tensor of the {where}'s main graph")
-        channels = np.asarray(maps[tensor], np.int64) if tensor in maps else None
-        terms.append(Term(tensor, tensor, "hint", weight=weight, channels=channels))
+        kept = _channel_map(student, tensor, maps)
+        terms.append(Term(tensor, tensor, "hint", weight=weight,
+                          channels=None if kept is None else np.asarray(kept, np.int64)))
     return terms
+
+
+def _channel_map(model: Model, tensor: str, maps: dict) -> list[int] | None:
+    """The teacher channels a student tensor holds: its own channel map, or that of the
+    layer output it comes from through per-channel ops (activations, normalization)."""
+    producer = {t.name: n for n in model.graph.nodes for t in n.outputs}
+    for _ in range(16):
+        if tensor in maps:
+            return maps[tensor]
+        node = producer.get(tensor)
+        if node is None or not node.inputs or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Concat"):
+            return None
+        tensor = node.inputs[0].name
+    return None
+
+
+def _check_hints(module: GraphModule, terms: list[Term], feeds: dict, teacher: dict, name: str) -> None:
+    hints = [t for t in terms if t.kind == "hint"]
+    if not hints:
+        return
+    with torch.no_grad():
+        got = module(to_torch(feeds), [t.student for t in hints])
+    for term, value in zip(hints, got):
+        want = teacher_target(term, teacher[term.output], 1.0).shape
+        if tuple(value.shape) != tuple(want):
+            raise UsageError(f"{name}: hint '{term.output}' has shape {list(value.shape)} in the student and "
+                             f"{list(want)} in the teacher (no channel map relates them)")
 
 
 def _teacher(teacher: Model, samples: list[dict], hints: list[str], provider: str,
@@ -171,6 +199,7 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
     check = disagreement(module, model, samples[:_CHECK_SAMPLES], provider)
     if check:
         raise PassFailed(name, f"the converted student disagrees with onnxruntime: {check}")
+    _check_hints(module, terms, samples[0], teacher_out[0], name)
     batched = _batchable(module, [samples[i] for i in train_idx[:2]])
     alpha = opts.alpha if labels is not None else 1.0
     settings = train.Settings(steps=opts.steps, lr=opts.lr, batch=opts.batch, temperature=opts.temperature,

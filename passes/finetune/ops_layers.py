@@ -109,12 +109,13 @@ def _conv_transpose(node, opset):
             pads = _pairs(node, "pads", 2 * spatial, 0)
         if pads[:spatial] == pads[spatial:] and all(e < max(s, d) for e, s, d in zip(extra, strides, dilations)):
             return _CONV_T[spatial](x, w, b, strides, pads[:spatial], extra, group, dilations)
-        y = _CONV_T[spatial](x, w, b, strides, 0, 0, group, dilations)
-        # output_padding and asymmetric pads: pad the far side, then crop
+        y = _CONV_T[spatial](x, w, None, strides, 0, 0, group, dilations)
+        # output_padding and asymmetric pads: pad the far side, then crop, then the bias
         y = F.pad(y, _torch_pad([0] * spatial + extra))
         index = [slice(None), slice(None)] + [slice(p, y.shape[2 + i] - q)
                                               for i, (p, q) in enumerate(zip(pads[:spatial], pads[spatial:]))]
-        return y[tuple(index)]
+        y = y[tuple(index)]
+        return y if b is None else y + b.reshape([1, -1] + [1] * spatial)
     return fn
 
 

@@ -1,0 +1,223 @@
+"""finetune: repairs what pruning, sharing, channel removal and int8 cost (fidelity and
+accuracy up), keeps zeros, codebooks, Q/DQ grids, the node list and the file's size,
+is byte-for-byte deterministic, and each guard: labels, hints, too little data, no
+teacher, a student that does not fire, and a converted model that disagrees."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+from models import builders  # noqa: E402
+from models.digits import accuracy, digits_mlp, digits_split  # noqa: E402
+from onnxopt import Model, PassContext, PassManager  # noqa: E402
+from onnxopt.errors import CalibrationError, PassFailed, PipelineError, UsageError  # noqa: E402
+from onnxopt.framework import Progress, get_pass  # noqa: E402
+from onnxopt.validate import run_model  # noqa: E402
+from onnxopt.weights.sites import find_weights  # noqa: E402
+from tests.helpers import io_signature, run_pass  # noqa: E402
+
+FAST = {"threads": 1, "batch": 32, "lr": 0.003}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = Model.from_proto(digits_mlp())
+    x_train, x_test, y_train, y_test = digits_split()
+    calib = [{"input": x_train[i:i + 4]} for i in range(0, 800, 4)]
+    return model, calib, x_test, y_test, y_train
+
+
+def _compress(model: Model, calib, text: str) -> Model:
+    work = model.copy()
+    PassManager(text).run(work, PassContext(reference=model, calibration=calib))
+    return work
+
+
+def _finetune(student: Model, teacher: Model, calib, **options):
+    return run_pass("finetune", student, PassContext(reference=teacher, calibration=calib), **{**FAST, **options})
+
+
+def _layer_values(model: Model) -> dict[str, np.ndarray]:
+    sites, _ = find_weights(model)
+    return {s.name: s.value for s in sites}
+
+
+def _ops(model: Model) -> list[tuple[str, str]]:
+    return [(n.op, n.name) for n in model.graph.nodes]
+
+
+def _constants(model: Model) -> dict[str, tuple]:
+    return {t.name: (t.values.dtype, t.values.shape) for t in model.constants()}
+
+
+def test_retrains_pruned_and_shared_digits_keeping_zeros_codebooks_and_size(digits):
+    model, calib, x_test, y_test, _ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.9,scope=global),share-weights(bits=3)")
+    ran = _finetune(student, model, calib, steps=150)
+    s = ran.stats
+    assert ran.modified and s["kept"] and s["fidelity_after"] > s["fidelity_before"] + 0.02
+    assert s["loss_after"] < s["loss_before"] / 2 and s["losses"] == {"logits": "kd"}
+    assert s["trained"]["storages"] == {"dense": 3, "sparse-idx": 3} and s["holdout_samples"] == 40
+    assert accuracy(ran.model, x_test, y_test) > accuracy(student, x_test, y_test) + 0.02
+    before, after = _layer_values(student), _layer_values(ran.model)
+    for name, old in before.items():
+        new = after[name]
+        assert np.array_equal(old == 0, new == 0), f"{name}: zeros moved"
+        # same clusters: every weight of an old centroid has one new value, and back
+        pairs = {(float(a), float(b)) for a, b in zip(old.ravel(), new.ravel())}
+        assert len(pairs) == len(np.unique(old)) == len(np.unique(new)) <= 8
+        assert not np.array_equal(old, new)
+    # the same graph with new values: nodes, constants, signature and file size
+    assert _ops(ran.model) == _ops(student) and _constants(ran.model) == _constants(student)
+    assert io_signature(ran.model) == io_signature(student)
+    assert abs(len(ran.model.to_bytes()) - len(student.to_bytes())) <= 0.01 * len(student.to_bytes())
+    h = s["history"]
+    assert len(h["step"]) == len(h["loss"]) == s["steps_run"] and h["holdout_step"][0] == 0
+    assert len(h["holdout"]) == len(h["holdout_step"]) and max(h["holdout"]) == pytest.approx(s["fidelity_after"],
+                                                                                              abs=1e-6)
+
+
+def test_same_seed_and_data_give_the_same_bytes(digits):
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    a = _finetune(student, model, calib, steps=20).model.to_bytes()
+    b = _finetune(student, model, calib, steps=20).model.to_bytes()
+    c = _finetune(student, model, calib, steps=20, seed=5).model.to_bytes()
+    assert a == b and a != c
+
+
+def test_int8_then_finetune_keeps_the_qdq_nodes_and_grids(digits):
+    model, calib, x_test, y_test, _ = digits
+    student = _compress(model, calib, "quantize(mode=static,calib_samples=32,check_fusion=false)")
+    ran = _finetune(student, model, calib, steps=40, lr=0.0005)
+    s = ran.stats
+    assert s["trained"]["storages"].get("qdq", 0) >= 3
+    assert _ops(ran.model) == _ops(student) and _constants(ran.model) == _constants(student)
+    old = {t.name: t.values for t in student.constants()}
+    changed = [t.name for t in ran.model.constants() if not np.array_equal(old[t.name], t.values)]
+    assert all(old[n].dtype.kind in "iuf" for n in changed)
+    for t in ran.model.constants():  # scales and zero points stay as the quantize pass chose
+        if "scale" in t.name or "zero_point" in t.name:
+            assert np.array_equal(old[t.name], t.values), t.name
+    if ran.modified:
+        assert s["fidelity_after"] > s["fidelity_before"]
+        assert any(old[n].dtype == np.int8 for n in changed)
+    assert accuracy(ran.model, x_test, y_test) >= accuracy(student, x_test, y_test) - 0.005
+
+
+def test_channels_removed_stay_removed_and_a_hint_reads_the_kept_channels():
+    model = Model.from_proto(builders.cnn())
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(24)]
+    student = _compress(model, calib, "prune-channels(ratio=0.5)")
+    hint = next(n.outputs[0].name for n in student.graph.nodes if n.op == "Relu")
+    ran = _finetune(student, model, calib, steps=30, hints=[f"{hint}=0.5"], loss="mse")
+    s = ran.stats
+    assert s["losses"][hint] == "hint" and set(s["losses"].values()) == {"mse", "hint"}
+    assert ran.modified and s["fidelity_after"] > s["fidelity_before"]
+    assert _constants(ran.model) == _constants(student)  # same (smaller) shapes
+    feeds = calib[-1]
+    ref, before, after = run_model(model, feeds), run_model(student, feeds), run_model(ran.model, feeds)
+    name = next(iter(ref))
+    err = [float(np.linalg.norm(x[name] - ref[name])) for x in (before, after)]
+    assert err[1] < err[0]
+
+
+def test_labels_from_a_file_and_their_guards(digits, tmp_path):
+    model, calib, _, _, y_train = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    np.save(tmp_path / "y.npy", y_train[:800])
+    ran = _finetune(student, model, calib, steps=10, labels=str(tmp_path / "y.npy"))
+    assert ran.stats["labels"] and ran.stats["alpha"] == 0.7
+    np.save(tmp_path / "few.npy", y_train[:100])
+    with pytest.raises(CalibrationError, match="100 labels for 800 rows"):
+        _finetune(student, model, calib, steps=1, labels=str(tmp_path / "few.npy"))
+    np.save(tmp_path / "bad.npy", y_train[:800] + 10)
+    with pytest.raises(CalibrationError, match="must lie in"):
+        _finetune(student, model, calib, steps=1, labels=str(tmp_path / "bad.npy"))
+
+
+def test_does_not_fire_when_the_student_is_the_teacher(digits):
+    model, calib, *_ = digits
+    ran = _finetune(model, model, calib, steps=10)
+    assert not ran.modified and ran.stats["kept"] is False
+    assert ran.model.to_bytes() == model.to_bytes()
+
+
+def test_guards(digits):
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    with pytest.raises(CalibrationError, match="too few to hold any out"):
+        _finetune(student, model, calib[:2], steps=1)
+    with pytest.raises(CalibrationError, match="needs calibration"):
+        run_pass("finetune", student, PassContext(reference=model))
+    with pytest.raises(UsageError, match="teacher"):
+        run_pass("finetune", student, PassContext(calibration=calib))
+    with pytest.raises(UsageError, match="hint 'nope'"):
+        _finetune(student, model, calib, steps=1, hints=["nope"])
+    with pytest.raises(PipelineError, match="bad name pattern"):
+        get_pass("finetune")(include=["("])
+    ran = _finetune(student, model, calib, steps=1, include=["^nothing$"])
+    assert not ran.modified and ran.stats["skipped"] == "no trainable float weights"
+
+
+def test_a_converted_model_that_disagrees_stops_naming_the_op(digits, monkeypatch):
+    from onnxopt.passes.finetune import ops_tensor
+
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    monkeypatch.setitem(ops_tensor.OPS, "Relu", lambda node, opset: lambda args: args[0].abs())
+    before = student.to_bytes()
+    with pytest.raises(PassFailed, match=r"first differing node: 'fc0/Relu' \(Relu\)"):
+        _finetune(student, model, calib, steps=1)
+    assert student.to_bytes() == before
+
+
+def test_without_torch_one_line_names_the_extra(digits, monkeypatch):
+    import sys
+
+    model, calib, *_ = digits
+    for name in [m for m in sys.modules if m.startswith("onnxopt.passes.finetune.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(UsageError, match=r"pip install 'onnxopt\[train\]'"):
+        _finetune(model, model, calib, steps=1)
+
+
+def test_progress_shows_step_loss_and_holdout_fidelity(digits):
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    seen = []
+
+    class Recording(Progress):
+        def task(self, description, total=None):
+            import contextlib
+
+            @contextlib.contextmanager
+            def cm():
+                yield lambda n=1, note=None: seen.append((description, total, n, note))
+            return cm()
+
+    ctx = PassContext(reference=model, calibration=calib, progress=Recording())
+    get_pass("finetune")(steps=10, eval_every=5, **FAST).run(student.copy(), ctx)
+    notes = [x for x in seen if x[0] == "finetune: training"]
+    assert len(notes) == 10 and notes[0][1] == 10
+    assert "loss" in notes[0][3] and "holdout" in notes[4][3] and "holdout" not in notes[3][3]
+
+
+def test_real_model_ppocr_cls_converts_checks_and_trains():
+    from models.ocr import ocr_feeds
+    from tests.helpers import real_model
+
+    model = Model.load(real_model("ppocr-cls"))
+    calib = ocr_feeds("ppocr-cls", 10, seed=3)
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.5)")
+    ran = _finetune(student, model, calib, steps=4, batch=4, lr=0.0005, patience=0)
+    assert ran.stats["steps_run"] == 4 and ran.stats["losses"] == {"save_infer_model/scale_0.tmp_1": "kd"}
+    assert ran.stats["fidelity_after"] >= ran.stats["fidelity_before"]
+    onnx.checker.check_model(ran.model.to_proto())
+    assert _ops(ran.model) == _ops(student)
