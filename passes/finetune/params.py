@@ -25,8 +25,9 @@ tensor is stored in one of three ways, and training keeps each:
     straight-through estimator (scale and zero point fixed) and is quantized again on
     the same grid when written back.
 
-A stored value that is exactly zero stays zero: a weight zeroed by pruning, codebook
-entry 0 (the zero of a pruned and shared layer), the zero fillers of a sparse stream.
+A stored weight value that is exactly zero stays zero: a weight zeroed by pruning (also
+one quantized afterwards: its integer sits at the zero point), codebook entry 0 (the
+zero of a pruned and shared layer), the zero fillers of a sparse stream.
 Leaf elements that an unselected weight (``include``/``exclude``) also reads, and leaves
 that other nodes read as data, keep their values. Nothing here imports torch.
 """
@@ -231,7 +232,7 @@ def plan_training(model: Model, include: Sequence[str] = (), exclude: Sequence[s
         if id(t) in root_ids:
             continue
         if _dequantized(t) is not None:
-            _add_qdq(plan, t, uses, leaf_of)
+            _add_qdq(plan, t, uses, role, leaf_of)
         else:
             _add_dense(plan, t, uses, role, leaf_of)
     _add_decoded(plan, model, roots, {id(t) for t in decoded}, chosen, leaf_of)
@@ -255,7 +256,7 @@ def _add_dense(plan: TrainPlan, t: gs.Tensor, uses: list[str], role: str, leaf_o
     plan.sites.append(Site(t, "dense", [leaf_of[id(t)]], uses))
 
 
-def _add_qdq(plan: TrainPlan, t: gs.Tensor, uses: list[str], leaf_of: dict) -> None:
+def _add_qdq(plan: TrainPlan, t: gs.Tensor, uses: list[str], role: str, leaf_of: dict) -> None:
     node = _dequantized(t)
     q_t = node.inputs[0]
     q = np.asarray(const_value(q_t, load=False))
@@ -278,7 +279,8 @@ def _add_qdq(plan: TrainPlan, t: gs.Tensor, uses: list[str], leaf_of: dict) -> N
     quant = Quant(scale, zp.astype(np.int64), int(info.min), int(info.max), q.dtype)
     value = ((q.astype(np.int64) - quant.zero_point) * scale).astype(np.float32)
     leaf_of[id(q_t)] = len(plan.leaves)
-    plan.leaves.append(Leaf(q_t, value, np.zeros(q.shape, bool), "qdq", quant))
+    frozen = value == 0 if role == "weight" else np.zeros(q.shape, bool)
+    plan.leaves.append(Leaf(q_t, value, frozen, "qdq", quant))
     plan.sites.append(Site(t, "qdq", [leaf_of[id(q_t)]], uses))
 
 
