@@ -242,6 +242,7 @@ def _figures(outcome: train.Outcome, terms: list[Term], n: int, n_train: int, n_
                         "after": {m: round(x, 6) for m, x in outcome.after["outputs"][k].items()}}
                     for k, v in outcome.before["outputs"].items()},
         "train_seconds": round(outcome.seconds, 3),
+        "train_cpu_seconds": round(outcome.cpu_seconds, 3),
         "seconds_per_step": round(outcome.seconds / max(outcome.steps_run, 1), 4),
         "step_seconds": round(outcome.step_seconds, 4),
         "history": outcome.history,

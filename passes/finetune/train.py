@@ -65,6 +65,7 @@ class Outcome:
     steps_run: int
     stopped_early: bool
     seconds: float
+    cpu_seconds: float  # processor time of the run (all threads): robust to a busy machine
     step_seconds: float  # mean wall time of a training step alone
     history: dict
 
@@ -142,7 +143,7 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
     best, best_values, best_step, bad = before["fidelity"], module.leaf_values(), 0, 0
     history = {"step": [], "loss": [], "holdout": [_round(before["fidelity"])], "holdout_step": [0]}
     order, cursor = rng.permutation(len(train)), 0
-    started, step_time, step = time.perf_counter(), 0.0, 0
+    started, cpu, step_time, step = time.perf_counter(), time.process_time(), 0.0, 0
     stopped = False
     for step in range(1, s.steps + 1):
         t0 = time.perf_counter()
@@ -178,10 +179,10 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
         advance(1, note=note)
         if stopped:
             break
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     with torch.no_grad():
         for p, value in zip(module.leaf_params, best_values):
             p.copy_(torch.from_numpy(value))
     after = evaluate(module, terms, hold, s) if best_step else before
-    return Outcome(best_values, before, after, best_step, step, stopped, seconds,
+    return Outcome(best_values, before, after, best_step, step, stopped, seconds, cpu,
                    step_time / max(step, 1), history)
