@@ -98,7 +98,7 @@ class GraphModule(torch.nn.Module):
                 p.register_hook(lambda g, m=keep_mask: g * m)
         self._slots: dict[int, int] = {}
         self._base: list = []
-        self._derived: list[tuple[int, object]] = []
+        self._derived: list[tuple[list[int], object]] = []
         self._provided: set[int] = set()
         graph = model.graph
         self.input_names = [t.name for t in graph.inputs if not isinstance(t, gs.Constant)]
@@ -125,6 +125,7 @@ class GraphModule(torch.nn.Module):
 
     def _bind_sites(self) -> None:
         params = self.leaf_params
+        blocks: dict[tuple[int, ...], list] = {}
         for site in self.plan.sites:
             slot = self._slot(site.tensor)
             self._provided.add(id(site.tensor))
@@ -134,14 +135,14 @@ class GraphModule(torch.nn.Module):
                 scale, zp = torch.from_numpy(q.scale.astype(np.float32)), torch.from_numpy(
                     q.zero_point.astype(np.float32))
                 p = params[site.leaves[0]]
-                self._derived.append((slot, lambda p=p, s=scale, z=zp, q=q: (
-                    fake_quantize(p, s, z, q.qmin, q.qmax) - z) * s))
+                self._derived.append(([slot], lambda p=p, s=scale, z=zp, q=q: [(
+                    fake_quantize(p, s, z, q.qmin, q.qmax) - z) * s]))
             elif site.index is None:
-                self._derived.append((slot, lambda p=params[site.leaves[0]]: p))
+                self._derived.append(([slot], lambda p=params[site.leaves[0]]: [p]))
             else:
-                index = torch.from_numpy(site.index.astype(np.int64))
-                base = None if site.base is None else torch.from_numpy(site.base)
-                self._derived.append((slot, self._gather(tuple(site.leaves), index, base)))
+                blocks.setdefault(tuple(site.leaves), []).append((slot, site))
+        for leaves, members in blocks.items():
+            self._derived.append(([slot for slot, _ in members], self._gather(leaves, [s for _, s in members])))
         trained = {id(s.tensor) for s in self.plan.sites}
         for key, value in self.plan.fixed.items():
             if key in trained:
@@ -152,16 +153,24 @@ class GraphModule(torch.nn.Module):
             self._base[self._slots[key]] = _torch(value)
             self._provided.add(key)
 
-    def _gather(self, leaves: tuple[int, ...], index: torch.Tensor, base):
+    def _gather(self, leaves: tuple[int, ...], sites: list):
+        """The weights of one compact block, gathered from its leaves in one indexing (its
+        gradient is one scatter-add into the leaves, not one per layer)."""
         zero = torch.zeros(1)
+        index = torch.from_numpy(np.concatenate([s.index.ravel() for s in sites]).astype(np.int64))
+        base = None
+        if any(s.base is not None for s in sites):
+            base = torch.from_numpy(np.concatenate([
+                (s.base if s.base is not None else np.zeros(s.index.shape, np.float32)).ravel() for s in sites]))
+        sizes = [int(s.index.size) for s in sites]
+        shapes = [tuple(s.index.shape) for s in sites]
 
         def build():
-            cache = self._cat_cache
-            src = cache.get(leaves)
-            if src is None:
-                src = cache[leaves] = torch.cat([zero] + [self.leaf_params[k].reshape(-1) for k in leaves])
+            src = torch.cat([zero] + [self.leaf_params[k].reshape(-1) for k in leaves])
             w = src[index]
-            return w + base if base is not None else w
+            if base is not None:
+                w = w + base
+            return [part.reshape(shape) for part, shape in zip(torch.split(w, sizes), shapes)]
         return build
 
     def _constant(self, t: gs.Tensor) -> bool:
@@ -261,10 +270,9 @@ class GraphModule(torch.nn.Module):
         env = list(self._base)
         for name, slot in zip(self.input_names, self._inputs):
             env[slot] = feeds[name]
-        self._cat_cache = {}
-        for slot, build in self._derived:
-            env[slot] = build()
-        self._cat_cache = {}
+        for slots, build in self._derived:
+            for slot, value in zip(slots, build()):
+                env[slot] = value
         self._run(self._program, env)
         want = self.output_names if want is None else want
         out = [env[self._wanted[n]] for n in want]
