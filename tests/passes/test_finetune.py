@@ -224,3 +224,22 @@ def test_real_model_ppocr_cls_converts_checks_and_trains():
     assert ran.stats["fidelity_after"] >= ran.stats["fidelity_before"]
     onnx.checker.check_model(ran.model.to_proto())
     assert _ops(ran.model) == _ops(student)
+
+
+@pytest.mark.slow
+def test_real_model_ppocr_det_half_pruned_recovers_its_text_mask():
+    from models.ocr import mask_iou, ocr_feeds
+    from tests.helpers import real_model
+
+    model = Model.load(real_model("ppocr-det"))
+    train = ocr_feeds("ppocr-det", 32, seed=1, size=(160, 160))
+    pages = ocr_feeds("ppocr-det", 4, seed=999)
+    student = _compress(model, train, "prune-magnitude(sparsity=0.5)")
+    ran = _finetune(student, model, train, steps=150, batch=8, lr=0.002, patience=0)
+    assert ran.modified and ran.stats["fidelity_after"] > ran.stats["fidelity_before"] + 0.3
+
+    def iou(m):
+        return np.mean([mask_iou(run_model(model, p)["sigmoid_0.tmp_0"], run_model(m, p)["sigmoid_0.tmp_0"])
+                        for p in pages])
+    assert iou(ran.model) > max(iou(student) + 0.3, 0.6)
+    assert abs(len(ran.model.to_bytes()) - len(student.to_bytes())) <= 0.01 * len(student.to_bytes())

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("torch")
 
 import torch  # noqa: E402
-
 from onnxopt.passes.finetune.module import GraphModule, Unsupported  # noqa: E402
 from onnxopt.passes.finetune.params import plan_training  # noqa: E402
+
 from onnxopt.validate import run_model  # noqa: E402
 from tests.helpers import parse  # noqa: E402
 
