@@ -20,7 +20,7 @@ from onnxopt.labels import read_labels
 from onnxopt.model import Model
 
 from . import train
-from .loss import Term, choose_terms, teacher_target
+from .loss import Term, choose_terms, logit_tensors, teacher_target
 from .module import GraphModule, OpFailed, Unsupported
 from .params import plan_training, restore, write_back
 from .verify import MIN_COSINE, disagreement, to_torch
@@ -184,6 +184,10 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
         stats["skipped"] = "no trainable float weights"
         return PassResult(False, stats)
     hints = _hint_terms(opts.hints, model, teacher, name)
+    try:  # first: an op the table cannot express is the user's first problem to hear of
+        module = GraphModule(model, plan, keep=logit_tensors(model) + [h.student for h in hints])
+    except Unsupported as exc:
+        raise UsageError(f"{name}: cannot express the model in torch: {exc}") from None
     provider = ctx.providers[0] if ctx.providers else "cpu"
     outputs = [t.name for t in model.graph.outputs]
     teacher_out = _teacher(teacher, samples, [h.output for h in hints], provider, outputs, name)
@@ -192,10 +196,6 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
         stats["skipped"] = "no float outputs to reproduce"
         return PassResult(False, stats)
     labels = _labels(opts.labels, terms, teacher_out, name) if opts.labels else None
-    try:
-        module = GraphModule(model, plan, keep=[t.student for t in terms])
-    except Unsupported as exc:
-        raise UsageError(f"{name}: cannot express the model in torch: {exc}") from None
     check = disagreement(module, model, samples[:_CHECK_SAMPLES], provider)
     if check:
         raise PassFailed(name, f"the converted student disagrees with onnxruntime: {check}")

@@ -29,7 +29,7 @@ import torch
 
 from onnxopt.model import Model
 
-__all__ = ["Term", "choose_terms", "term_loss", "teacher_target", "fidelity"]
+__all__ = ["Term", "choose_terms", "logit_tensors", "term_loss", "teacher_target", "fidelity"]
 
 _DENSE = ("Gemm", "MatMul")
 
@@ -58,6 +58,17 @@ def _dense_head(node: gs.Node | None) -> bool:
     if node.op in _DENSE:
         return True
     return node.op == "Add" and any(x.inputs and x.inputs[0].op in _DENSE for x in node.inputs)
+
+
+def logit_tensors(model: Model) -> list[str]:
+    """Inputs of the Softmax/LogSoftmax nodes that compute graph outputs: the student
+    tensors a kd term may read."""
+    found = []
+    for t in model.graph.outputs:
+        node = _producer(t)
+        if node is not None and node.op in ("Softmax", "LogSoftmax") and node.inputs:
+            found.append(node.inputs[0].name)
+    return found
 
 
 def choose_terms(model: Model, loss: str, samples: dict[str, np.ndarray]) -> list[Term]:

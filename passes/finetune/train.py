@@ -4,7 +4,8 @@ computed once, holdout fidelity measured as it goes, early stopping, the best st
 Each step draws ``batch`` training samples (a fresh seeded permutation per epoch, so the
 same seed and data give the same steps) and either concatenates them along the first
 axis — when the model was found to batch that way — or runs them one by one and adds up
-their gradients. The learning rate follows a cosine from ``lr`` down to 5 % of it.
+their gradients. The learning rate warms up linearly over the first 5 % of the steps,
+then follows a cosine from ``lr`` down to 5 % of it.
 Every ``eval_every`` steps the holdout samples are run without gradients: the loss, the
 cosine of every output to the teacher's and, for classifier outputs, top-1 agreement. The
 state with the best holdout fidelity (mean cosine over outputs) is what is returned —
@@ -125,6 +126,16 @@ def evaluate(module: GraphModule, terms: list[Term], data: Samples, s: Settings)
             "outputs": outputs}
 
 
+def _rate(lr: float, step: int, steps: int) -> float:
+    """Linear warm-up over the first 5 % of the steps (Adam's first updates are as large
+    as the rate whatever the gradient: a model that is already close would be thrown
+    off), then a cosine down to :data:`_LR_FLOOR` of ``lr``."""
+    warm = max(1, steps // 20)
+    if step <= warm:
+        return lr * step / warm
+    return lr * (_LR_FLOOR + (1 - _LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1))))
+
+
 def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
@@ -148,7 +159,7 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
     for step in range(1, s.steps + 1):
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
-            g["lr"] = s.lr * (_LR_FLOOR + (1 - _LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * (step - 1) / s.steps)))
+            g["lr"] = _rate(s.lr, step, s.steps)
         if cursor + batch > len(train):
             order, cursor = rng.permutation(len(train)), 0
         picked = [int(i) for i in order[cursor:cursor + batch]]

@@ -116,18 +116,23 @@ def test_channels_removed_stay_removed_and_a_hint_reads_the_kept_channels():
     model = Model.from_proto(builders.cnn())
     rng = np.random.default_rng(0)
     calib = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(24)]
+    fresh = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
     student = _compress(model, calib, "prune-channels(ratio=0.5)")
     hint = next(n.outputs[0].name for n in student.graph.nodes if n.op == "Relu")
     ran = _finetune(student, model, calib, steps=30, hints=[f"{hint}=0.5"], loss="mse")
     s = ran.stats
     assert s["losses"][hint] == "hint" and set(s["losses"].values()) == {"mse", "hint"}
-    assert ran.modified and s["fidelity_after"] > s["fidelity_before"]
-    assert _constants(ran.model) == _constants(student)  # same (smaller) shapes
-    feeds = calib[-1]
-    ref, before, after = run_model(model, feeds), run_model(student, feeds), run_model(ran.model, feeds)
-    name = next(iter(ref))
-    err = [float(np.linalg.norm(x[name] - ref[name])) for x in (before, after)]
-    assert err[1] < err[0]
+    assert ran.modified and s["fidelity_after"] > s["fidelity_before"] + 0.05
+    assert _constants(ran.model) == _constants(student)  # the same (smaller) shapes
+
+    def error(m):
+        return np.mean([np.linalg.norm(run_model(m, f)["logits"] - run_model(model, f)["logits"]) for f in fresh])
+    assert error(ran.model) < 0.5 * error(student)
+    # after reconstruct the student is close already: finetune may only keep or improve it
+    refit = _compress(model, calib, "prune-channels(ratio=0.5),reconstruct")
+    again = _finetune(refit, model, calib, steps=20, lr=0.0003)
+    assert again.stats["fidelity_after"] >= again.stats["fidelity_before"]
+    assert again.modified or again.model.to_bytes() == refit.to_bytes()
 
 
 def test_labels_from_a_file_and_their_guards(digits, tmp_path):
@@ -177,6 +182,33 @@ def test_a_converted_model_that_disagrees_stops_naming_the_op(digits, monkeypatc
     before = student.to_bytes()
     with pytest.raises(PassFailed, match=r"first differing node: 'fc0/Relu' \(Relu\)"):
         _finetune(student, model, calib, steps=1)
+    assert student.to_bytes() == before
+
+
+def test_an_op_the_table_cannot_express_is_one_line_naming_it():
+    from tests.helpers import parse
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y, float[N] d)
+        <float[4, 4] w = {1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0, 1.0},
+         int64[3] shape = {-1, 2, 2}>
+        { y = MatMul(x, w)  m = Reshape(y, shape)  d = Det(m) }""")
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(10)]
+    with pytest.raises(UsageError, match=r"cannot express the model in torch: node .*\(Det\)"):
+        _finetune(model, model, calib, steps=1)
+
+
+def test_a_written_model_that_does_not_reproduce_the_student_is_undone(digits, monkeypatch):
+    from onnxopt.passes.finetune import params
+
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8)")
+    before = student.to_bytes()
+    monkeypatch.setattr(params, "stored_values", lambda leaf, trained: np.zeros_like(leaf.value))
+    with pytest.raises(PassFailed, match="does not reproduce the trained student"):
+        get_pass("finetune")(steps=20, **FAST).run(student, PassContext(reference=model, calibration=calib))
     assert student.to_bytes() == before
 
 
