@@ -62,6 +62,8 @@ class Finetune(Pass):
     options = {
         "steps": Opt(int, 300, "training steps (Adam)", minimum=1),
         "lr": Opt(float, 1e-3, "learning rate (cosine decay to 5 % of it)", minimum=0.0),
+        "weight_decay": Opt(float, 0.0, "decoupled weight decay on the layers' weights (AdamW): weights no "
+                            "output needs shrink, for a later pruning step to take", minimum=0.0),
         "batch": Opt(int, 8, "calibration samples per step (0: all)", minimum=0),
         "temperature": Opt(float, 2.0, "softmax temperature T of the distillation term", minimum=0.05),
         "alpha": Opt(float, 0.7, "weight of the distillation term against the labels' (1 without labels)",

@@ -204,6 +204,7 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
     alpha = opts.alpha if labels is not None else 1.0
     settings = train.Settings(steps=opts.steps, lr=opts.lr, batch=opts.batch, temperature=opts.temperature,
                               alpha=alpha, patience=opts.patience, batched=batched, seed=seed,
+                              weight_decay=opts.weight_decay,
                               eval_every=opts.eval_every or max(1, opts.steps // 20))
     train_set = _samples(train_idx, samples, teacher_out, terms, opts.temperature, labels)
     hold_set = _samples(hold_idx or train_idx, samples, teacher_out, terms, opts.temperature, labels)

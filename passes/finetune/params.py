@@ -77,6 +77,7 @@ class Leaf:
     frozen: np.ndarray  # bool, same shape: elements that keep their value
     storage: str
     quant: Quant | None = None
+    weight: bool = True  # a layer's weight (weight decay applies), not a bias or a scale
 
     @property
     def name(self) -> str:
@@ -252,7 +253,7 @@ def _add_dense(plan: TrainPlan, t: gs.Tensor, uses: list[str], role: str, leaf_o
         return
     frozen = value == 0 if role == "weight" else np.zeros(value.shape, bool)
     leaf_of[id(t)] = len(plan.leaves)
-    plan.leaves.append(Leaf(t, value.copy(), frozen, "dense"))
+    plan.leaves.append(Leaf(t, value.copy(), frozen, "dense", weight=role == "weight"))
     plan.sites.append(Site(t, "dense", [leaf_of[id(t)]], uses))
 
 
@@ -280,7 +281,7 @@ def _add_qdq(plan: TrainPlan, t: gs.Tensor, uses: list[str], role: str, leaf_of:
     value = ((q.astype(np.int64) - quant.zero_point) * scale).astype(np.float32)
     leaf_of[id(q_t)] = len(plan.leaves)
     frozen = value == 0 if role == "weight" else np.zeros(q.shape, bool)
-    plan.leaves.append(Leaf(q_t, value, frozen, "qdq", quant))
+    plan.leaves.append(Leaf(q_t, value, frozen, "qdq", quant, weight=role == "weight"))
     plan.sites.append(Site(t, "qdq", [leaf_of[id(q_t)]], uses))
 
 

@@ -1,4 +1,5 @@
-"""The training loop of ``finetune``: Adam on the student's leaves, the teacher's targets
+"""The training loop of ``finetune``: Adam (AdamW's decoupled weight decay on the layers'
+weights when asked) on the student's leaves, the teacher's targets
 computed once, holdout fidelity measured as it goes, early stopping, the best state kept.
 
 Each step draws ``batch`` training samples (a fresh seeded permutation per epoch, so the
@@ -55,6 +56,7 @@ class Settings:
     eval_every: int
     batched: bool
     seed: int
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -143,10 +145,12 @@ def _round(x: float) -> float:
 def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s: Settings,
         advance: Callable[..., None]) -> Outcome:
     """Train ``module``'s leaves; return the best state and the figures."""
-    params = [p for p, leaf in zip(module.leaf_params, module.plan.leaves) if leaf.trainable]
-    for p, leaf in zip(module.leaf_params, module.plan.leaves):
+    pairs = list(zip(module.leaf_params, module.plan.leaves))
+    for p, leaf in pairs:
         p.requires_grad_(bool(leaf.trainable))
-    optimizer = torch.optim.Adam(params, lr=s.lr)
+    groups = [{"params": [p for p, leaf in pairs if leaf.trainable and leaf.weight], "weight_decay": s.weight_decay},
+              {"params": [p for p, leaf in pairs if leaf.trainable and not leaf.weight], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr)
     rng = np.random.default_rng(s.seed)
     want = list(dict.fromkeys(t.student for t in terms))
     batch = min(max(s.batch, 1), len(train)) if s.batch else len(train)

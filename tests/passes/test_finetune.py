@@ -275,3 +275,19 @@ def test_real_model_ppocr_det_half_pruned_recovers_its_text_mask():
                         for p in pages])
     assert iou(ran.model) > max(iou(student) + 0.3, 0.6)
     assert abs(len(ran.model.to_bytes()) - len(student.to_bytes())) <= 0.01 * len(student.to_bytes())
+
+
+def test_weight_decay_shrinks_weights_no_output_needs(digits):
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.95,scope=global,storage=dense)")
+    w0, w1 = (_layer_values(student)[k] for k in ("fc0.weight", "fc1.weight"))
+    unused = np.flatnonzero((w1 != 0).sum(1) == 0)  # hidden neurons nothing reads
+    assert unused.size > 10
+
+    def unused_norm(ran):
+        return float(np.abs(_layer_values(ran.model)["fc0.weight"][:, unused]).sum())
+    plain = _finetune(student, model, calib, steps=30)
+    decayed = _finetune(student, model, calib, steps=30, weight_decay=5.0)
+    assert unused_norm(plain) == pytest.approx(float(np.abs(w0[:, unused]).sum()))  # no gradient reaches them
+    assert unused_norm(decayed) < 0.9 * unused_norm(plain)
+    assert np.array_equal(_layer_values(decayed.model)["fc0.weight"] == 0, w0 == 0)
