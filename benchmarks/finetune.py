@@ -78,8 +78,8 @@ CASES = [
 
 #: digits: (pipeline without training, the same with finetune in Deep Compression's
 #: order — prune, retrain, share, fine-tune the centroids).
-DIGITS_FT = "finetune(steps=1500,batch=64,lr=0.003,samples=0,patience=0)"
-DIGITS_SWEEP = [(s, b) for s in (0.8, 0.9, 0.95, 0.96, 0.97) for b in (4, 3)]
+DIGITS_FT = "finetune(steps=1500,batch=16,lr=0.003,temperature=4,patience=0)"
+DIGITS_SWEEP = [(0.8, 4), (0.9, 4), (0.95, 3), (0.96, 3), (0.97, 3), (0.98, 3)]
 
 
 # --------------------------------------------------------------------------------------
@@ -277,37 +277,39 @@ def _option(pipeline: str, key: str, default):
     return m.group(1) if m else default
 
 
-def digits_section(quick: bool) -> dict:
+def digits_point(sparsity: float, bits: int, label: str, quick: bool) -> dict:
+    """One point of the digits sweep: global pruning then sharing, without or with
+    finetune after each (Deep Compression's order: prune, retrain, share, fine-tune);
+    ``label`` ``preset`` runs the ``compress`` preset as registered."""
     from models.digits import digits_mlp, digits_split
 
     reference = Model.from_proto(digits_mlp())
     x_train, x_test, _, y_test = digits_split()
-    train = [{"input": x_train[i:i + 1]} for i in range(len(x_train))]
-    sess = lambda m: make_session(m)  # noqa: E731
-
-    def accuracy(model: Model) -> float:
-        return float((sess(model).run(None, {"input": x_test})[0].argmax(1) == y_test).mean())
-
-    base_bytes, base_gz = sizes(reference)
+    train = [{"input": x_train[i:i + 4]} for i in range(0, len(x_train), 4)]  # 315 samples, no labels
     ft = with_threads(_quick_steps(DIGITS_FT) if quick else DIGITS_FT)
-    rows = []
-    sweep = DIGITS_SWEEP[:2] if quick else DIGITS_SWEEP
-    for sparsity, bits in sweep:
-        prune = f"prune-magnitude(sparsity={sparsity},scope=global)"
-        share = f"share-weights(bits={bits},init=kmeans++)"
-        for label, pipeline in (("without", f"{prune},{share}"), ("with", f"{prune},{ft},{share},{ft}")):
-            t0 = time.perf_counter()
-            model, _ = run_pipeline(reference, reference, train, pipeline)
-            plain, gz = sizes(model)
-            rows.append({"finetune": label, "sparsity": sparsity, "bits": bits, "pipeline": pipeline,
-                         "accuracy": accuracy(model), "bytes": plain, "gzip_bytes": gz, "ratio": base_bytes / plain,
-                         "gzip_ratio": base_bytes / gz, "seconds": time.perf_counter() - t0})
-            print(f"digits {label:7s} {pipeline[:60]:60s} acc {rows[-1]['accuracy']:.4f} "
-                  f"{rows[-1]['ratio']:.1f}x / {rows[-1]['gzip_ratio']:.1f}x gz", flush=True)
-    base_acc = accuracy(reference)
+    prune = f"prune-magnitude(sparsity={sparsity},scope=global)"
+    share = f"share-weights(bits={bits},init=kmeans++)"
+    pipeline = {"without": f"{prune},{share}", "with": f"{prune},{ft},{share},{ft}", "preset": "compress"}[label]
+    t0 = time.perf_counter()
+    model, _ = run_pipeline(reference, reference, train, pipeline)
+    accuracy = float((make_session(model).run(None, {"input": x_test})[0].argmax(1) == y_test).mean())
+    base_bytes, _ = sizes(reference)
+    plain, gz = sizes(model)
+    return {"finetune": label, "sparsity": sparsity, "bits": bits, "pipeline": pipeline, "accuracy": accuracy,
+            "bytes": plain, "gzip_bytes": gz, "ratio": base_bytes / plain, "gzip_ratio": base_bytes / gz,
+            "seconds": time.perf_counter() - t0}
+
+
+def digits_summary(rows: list[dict]) -> dict:
+    from models.digits import digits_mlp, digits_split
+
+    reference = Model.from_proto(digits_mlp())
+    _, x_test, _, y_test = digits_split()
+    base_acc = float((make_session(reference).run(None, {"input": x_test})[0].argmax(1) == y_test).mean())
+    base_bytes, base_gz = sizes(reference)
     within = [r for r in rows if r["accuracy"] >= base_acc - 0.01]
     best = {k: max((r for r in within if r["finetune"] == k), key=lambda r: r["ratio"], default=None)
-            for k in ("without", "with")}
+            for k in ("without", "with", "preset")}
     return {"accuracy": base_acc, "bytes": base_bytes, "gzip_bytes": base_gz, "rows": rows, "best": best}
 
 
@@ -320,6 +322,8 @@ def plot(digits: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, style in (("without", "o--"), ("with", "s-")):
         pts = sorted((r["ratio"], r["accuracy"]) for r in digits["rows"] if r["finetune"] == label)
+        if not pts:
+            continue
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, markersize=5,
                 label=f"prune + share, {label} finetune")
     ax.axhline(100 * (digits["accuracy"] - 0.01), color="grey", lw=0.8, ls="--", label="original - 1 point")
@@ -385,8 +389,9 @@ def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
         lines += ["", f"Digits classifier ({digits['bytes']:,} bytes, test accuracy "
                       f"{100 * digits['accuracy']:.2f} %), global pruning then 4/3-bit sharing, without and with "
                       "`finetune` after each (no labels):", ""]
-        dt = [[f"{r['sparsity']:.2f}", r["bits"], r["finetune"], f"{100 * r['accuracy']:.2f} %", f"{r['bytes']:,}",
-               f"{r['ratio']:.1f}×", f"{r['gzip_ratio']:.1f}×"] for r in digits["rows"]]
+        dt = [[f"{r['sparsity']:.2f}", r["bits"], "`compress` preset" if r["finetune"] == "preset" else r["finetune"],
+               f"{100 * r['accuracy']:.2f} %", f"{r['bytes']:,}", f"{r['ratio']:.1f}×", f"{r['gzip_ratio']:.1f}×"]
+              for r in digits["rows"]]
         lines.append(markdown_table(["sparsity", "bits", "finetune", "test accuracy", "bytes", "ratio",
                                      "gzipped ratio"], dt))
         for label in ("without", "with"):
@@ -399,10 +404,33 @@ def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _job(kind: str, arg, quick: bool):
+    import torch
+
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    if kind == "digits":
+        row = digits_point(*arg, quick)
+        print(f"digits {row['finetune']:7s} sparsity {row['sparsity']} bits {row['bits']}: "
+              f"accuracy {row['accuracy']:.4f}, {row['ratio']:.1f}x ({row['gzip_ratio']:.1f}x gzipped)", flush=True)
+        return row
+    row = measure_case(arg, quick)
+    print(f"{arg.model} {arg.pipeline}: {row['without']['cosine']:.4f} {_task_text(row['without']['task'])} -> "
+          f"{row['with']['cosine']:.4f} {_task_text(row['with']['task'])} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
+    import json
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few samples and steps")
-    parser.add_argument("--only", action="append", default=[], help="models to run (digits, ppocr-det, ...)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="models to run (digits, ppocr-det, ...); the others' rows are kept from the last run")
+    parser.add_argument("--jobs", type=int, default=1, help="rows measured at once, each in its own process")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = parser.parse_args(argv)
     import torch
@@ -410,20 +438,24 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["torch"] = torch.__version__
     print(machine_line(info), flush=True)
-    rows = []
-    for case in CASES:
-        if args.only and case.model not in args.only:
-            continue
-        t0 = time.perf_counter()
-        row = measure_case(case, args.quick)
-        rows.append(row)
-        print(f"{case.model} {case.pipeline}: "
-              f"{row['without']['cosine']:.4f} {_task_text(row['without']['task'])} -> "
-              f"{row['with']['cosine']:.4f} {_task_text(row['with']['task'])} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    digits = digits_section(args.quick) if not args.only or "digits" in args.only else None
+    chosen = [c for c in CASES if not args.only or c.model in args.only]
+    points = [(s, b, label) for s, b in (DIGITS_SWEEP[:2] if args.quick else DIGITS_SWEEP)
+              for label in ("without", "with")] if not args.only or "digits" in args.only else []
+    if points and not args.quick:
+        points.append((0.96, 3, "preset"))
+    with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=mp.get_context("spawn")) as pool:
+        digit_jobs = [pool.submit(_job, "digits", p, args.quick) for p in points]
+        case_jobs = [pool.submit(_job, "case", c, args.quick) for c in chosen]
+        rows = [j.result() for j in case_jobs]
+        digit_rows = [j.result() for j in digit_jobs]
+    path = RESULTS / "finetune.json"
+    old = json.loads(path.read_text()) if args.only and path.exists() else {}
+    keep = [r for r in old.get("rows", []) if r["model"] not in {c.model for c in chosen}]
+    order = {(c.model, c.pipeline): i for i, c in enumerate(CASES)}
+    rows = sorted(keep + rows, key=lambda r: order.get((r["model"], r["pipeline"]), len(CASES)))
+    digits = digits_summary(digit_rows) if digit_rows else old.get("digits")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if digits:
+    if digits and digit_rows:
         plot(digits, RESULTS / "finetune_digits.png")
     save_results("finetune", {"machine": info, "quick": args.quick, "rows": rows, "digits": digits})
     if not args.no_readme and not args.quick:

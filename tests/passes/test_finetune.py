@@ -291,3 +291,11 @@ def test_weight_decay_shrinks_weights_no_output_needs(digits):
     assert unused_norm(plain) == pytest.approx(float(np.abs(w0[:, unused]).sum()))  # no gradient reaches them
     assert unused_norm(decayed) < 0.9 * unused_norm(plain)
     assert np.array_equal(_layer_values(decayed.model)["fc0.weight"] == 0, w0 == 0)
+
+
+def test_the_compress_preset_prunes_retrains_shares_and_fine_tunes():
+    from onnxopt.framework import parse_pipeline
+
+    steps = [s.pass_ for s in parse_pipeline("compress")]
+    assert [p.name for p in steps] == ["prune-magnitude", "finetune", "share-weights", "finetune"]
+    assert steps[0].opts.scope == "global" and steps[2].opts.bits == 3 and steps[1].opts.temperature == 4.0
