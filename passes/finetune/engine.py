@@ -117,15 +117,15 @@ def _labels(path: str, terms: list[Term], teacher_out: list[dict], name: str) ->
     return [y[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _batchable(module: GraphModule, samples: list[dict]) -> bool:
-    """Whether samples concatenated along axis 0 give their outputs concatenated."""
-    if len(samples) < 2:
+def _batchable(module: GraphModule, samples: list[dict], pair: list[dict]) -> bool:
+    """Whether every sample has the same shapes past the first axis and two of them
+    concatenated along it give their outputs concatenated."""
+    if len(pair) < 2:
         return False
     first = samples[0]
     if any(set(s) != set(first) or any(np.shape(s[k])[1:] != np.shape(first[k])[1:] for k in first)
            for s in samples):
         return False
-    pair = samples[:2]
     try:
         with torch.no_grad():
             one = [module(to_torch(s)) for s in pair]
@@ -200,7 +200,7 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
     if check:
         raise PassFailed(name, f"the converted student disagrees with onnxruntime: {check}")
     _check_hints(module, terms, samples[0], teacher_out[0], name)
-    batched = _batchable(module, [samples[i] for i in train_idx[:2]])
+    batched = _batchable(module, samples, [samples[i] for i in train_idx[:2]])
     alpha = opts.alpha if labels is not None else 1.0
     settings = train.Settings(steps=opts.steps, lr=opts.lr, batch=opts.batch, temperature=opts.temperature,
                               alpha=alpha, patience=opts.patience, batched=batched, seed=seed,
