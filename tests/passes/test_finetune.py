@@ -299,3 +299,15 @@ def test_the_compress_preset_prunes_retrains_shares_and_fine_tunes():
     steps = [s.pass_ for s in parse_pipeline("compress")]
     assert [p.name for p in steps] == ["prune-magnitude", "finetune", "share-weights", "finetune"]
     assert steps[0].opts.scope == "global" and steps[2].opts.bits == 3 and steps[1].opts.temperature == 4.0
+
+
+def test_ragged_samples_train_one_by_one_and_vectors_are_matched_by_cosine():
+    from models.transformer import token_feeds, transformer
+
+    model = Model.from_proto(transformer())
+    calib = token_feeds(10, vocab=128, low=5, seed=0)  # sequences of different lengths
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.6)")
+    ran = _finetune(student, model, calib, steps=6, batch=4, lr=0.002)
+    s = ran.stats
+    assert not s["batched"] and s["losses"] == {"hidden": "cosine"}
+    assert ran.modified and s["fidelity_after"] > s["fidelity_before"]
