@@ -18,6 +18,7 @@ from onnxopt.errors import CalibrationError, PassFailed, UsageError
 from onnxopt.framework import PassContext, PassResult
 from onnxopt.labels import read_labels
 from onnxopt.model import Model
+from onnxopt.shapes import infer_shapes
 
 from . import train
 from .loss import Term, choose_terms, logit_tensors, teacher_target
@@ -48,7 +49,7 @@ def _split(n: int, share: float, rng: np.random.Generator, name: str) -> tuple[l
 def _hint_terms(specs: list[str], student: Model, teacher: Model, name: str) -> list[Term]:
     s_names = {t.name for n in student.graph.nodes for t in n.outputs}
     t_names = {t.name for n in teacher.graph.nodes for t in n.outputs}
-    maps = channel_maps(student)
+    kept = _ChannelMaps(student, teacher) if specs else None
     terms = []
     for spec in specs:
         tensor, sep, raw = spec.rpartition("=")
@@ -63,24 +64,51 @@ def _hint_terms(specs: list[str], student: Model, teacher: Model, name: str) -> 
         if tensor not in s_names or tensor not in t_names:
             where = "student" if tensor not in s_names else "teacher"
             raise UsageError(f"{name}: hint '{tensor}' is not a tensor of the {where}'s main graph")
-        kept = _channel_map(student, tensor, maps)
+        channels = kept.of(tensor)
         terms.append(Term(tensor, tensor, "hint", weight=weight,
-                          channels=None if kept is None else np.asarray(kept, np.int64)))
+                          channels=None if channels is None else np.asarray(channels, np.int64)))
     return terms
 
 
-def _channel_map(model: Model, tensor: str, maps: dict) -> list[int] | None:
-    """The teacher channels a student tensor holds: its own channel map, or that of the
-    layer output it comes from through per-channel ops (activations, normalization)."""
-    producer = {t.name: n for n in model.graph.nodes for t in n.outputs}
-    for _ in range(16):
-        if tensor in maps:
-            return maps[tensor]
-        node = producer.get(tensor)
-        if node is None or not node.inputs or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Concat"):
+class _ChannelMaps:
+    """The teacher channels a student tensor holds (axis 1): its own channel map, that
+    of the layer output it comes from through per-channel ops (activations,
+    normalization, resizing, residual Adds), or for a Concat the maps of its inputs
+    placed at the teacher's offsets; None where no channel was removed."""
+
+    _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+    def __init__(self, student: Model, teacher: Model):
+        self.maps = channel_maps(student)
+        self.producer = {t.name: n for n in student.graph.nodes for t in n.outputs}
+        self.teacher = infer_shapes(teacher) if self.maps else {}
+
+    def of(self, tensor: str, depth: int = 0) -> list[int] | None:
+        if not self.maps or depth > 8:
             return None
-        tensor = node.inputs[0].name
-    return None
+        for _ in range(32):
+            if tensor in self.maps:
+                return self.maps[tensor]
+            node = self.producer.get(tensor)
+            if node is None or not node.inputs or node.op in self._LAYERS:
+                return None
+            if node.op == "Concat" and int(node.attrs.get("axis", 0)) == 1:
+                return self._concat(node, depth)
+            tensor = node.inputs[0].name
+        return None
+
+    def _concat(self, node, depth: int) -> list[int] | None:
+        out, offset, changed = [], 0, False
+        for x in node.inputs:
+            info = self.teacher.get(x.name)
+            width = info.shape[1] if info is not None and info.shape and len(info.shape) > 1 else None
+            if not isinstance(width, int):
+                return None
+            part = self.of(x.name, depth + 1)
+            changed |= part is not None
+            out += [offset + int(i) for i in (part if part is not None else range(width))]
+            offset += width
+        return out if changed else None
 
 
 def _check_hints(module: GraphModule, terms: list[Term], feeds: dict, teacher: dict, name: str) -> None:
