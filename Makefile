@@ -8,15 +8,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# PyTorch for finetune (the `train` extra): the CPU build. An unpinned torch is a CUDA
+# build of several GB.
+TORCH  ?= torch==2.13.0
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search clean
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search bench-finetune clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,search]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,train,search]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,10 +47,10 @@ BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
 $(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,search]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,train,bench,search]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search
+bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search bench-finetune
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
@@ -74,6 +78,12 @@ bench-structured: $(BENCH_STAMP) models
 # benchmarks/results/search.json and the README section. BENCH_ARGS=--quick: digits and cls.
 bench-search: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.search $(BENCH_ARGS)
+
+# finetune on the real models: fidelity, size, latency and training cost with and without
+# it, against a plain PyTorch loop; writes benchmarks/results/finetune.{json,png} and the
+# README section. Long (an hour or more on 2 cores); BENCH_ARGS=--quick for a smoke run.
+bench-finetune: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.finetune $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks

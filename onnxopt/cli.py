@@ -167,8 +167,13 @@ class _RichProgress:
     @contextmanager
     def task(self, description: str, total: int | None = None):
         task = self._progress.add_task(description, total=total)
+
+        def advance(n=1, note=None):
+            text = description if note is None else f"{description} {note}"
+            self._progress.update(task, advance=n, description=text)
+
         try:
-            yield lambda n=1: self._progress.advance(task, n)
+            yield advance
         finally:
             self._progress.remove_task(task)
 

@@ -137,11 +137,15 @@ class PassResult:
 
 class Progress:
     """Progress reporting for long work. The default does nothing; the CLI installs one
-    that draws a progress bar."""
+    that draws a progress bar.
+
+    ``task`` yields ``advance(n=1, note=None)``: ``n`` steps done, and ``note`` (when
+    given) a short text shown beside the description, such as a training loss.
+    """
 
     @contextmanager
-    def task(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        yield lambda n=1: None
+    def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        yield lambda n=1, note=None: None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     dedup_weights,
     distill,
     eliminate_noops,
+    finetune,
     fold_batchnorm,
     fold_constants,
     fp16,
@@ -55,4 +56,13 @@ register_preset(
     "int4",
     "quantize(mode=weight-only,bits=4)",
     "blockwise int4 MatMul weights (MatMulNBits on the CPU provider; no calibration)",
+)
+
+_RETRAIN = "finetune(steps=1500,batch=16,lr=0.003,temperature=4,patience=0)"
+register_preset(
+    "compress",
+    f"prune-magnitude(sparsity=0.96,scope=global),{_RETRAIN},share-weights(bits=3,init=kmeans++),{_RETRAIN}",
+    "Deep Compression without labels: 96 % of the weights pruned under one global threshold, retrained "
+    "against the original, 3-bit k-means sharing, centroids fine-tuned (needs --calib and onnxopt[train]; "
+    "set for dense classifiers, conv nets want a lower sparsity)",
 )

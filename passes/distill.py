@@ -21,15 +21,15 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.activations import capture
-from onnxopt.errors import CalibrationError, UsageError
+from onnxopt.errors import UsageError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import const_through_shape_ops, write_constant
+from onnxopt.labels import read_labels
 from onnxopt.model import Model
 
 __all__ = ["Distill", "find_head", "Dense"]
@@ -122,7 +122,8 @@ class Distill(Pass):
         Tl = np.concatenate([np.asarray(t, np.float64).reshape(-1, classes) for t in ts])
         if X.shape[0] != Tl.shape[0]:
             return PassResult(False, {"skipped": "features and logits do not line up row by row"})
-        labels = _labels(self.opts.labels, X.shape[0], classes) if self.opts.labels else None
+        labels = (read_labels(self.opts.labels, X.shape[0], classes, what=self.name)
+                  if self.opts.labels else None)
         alpha = self.opts.alpha if labels is not None else 1.0
         rng = np.random.default_rng(ctx.seed)
         order = rng.permutation(X.shape[0])
@@ -218,34 +219,6 @@ def _dense_producing(t: gs.Tensor) -> Dense | None:
             return Dense(node, (node, 2), t)
         return Dense(node, None, t)
     return None
-
-
-def _labels(path: str, rows: int, classes: int) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise CalibrationError(f"distill: labels file {path}: no such file")
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                key = "labels" if "labels" in z.files else (z.files[0] if len(z.files) == 1 else None)
-                if key is None:
-                    raise CalibrationError(f"distill: {path} holds no array 'labels'")
-                y = z[key]
-        else:
-            y = np.load(p, allow_pickle=False)
-    except CalibrationError:
-        raise
-    except Exception as exc:
-        raise CalibrationError(f"distill: cannot read labels from {path} ({exc})") from exc
-    y = np.asarray(y).reshape(-1)
-    if y.dtype.kind not in "iu":
-        raise CalibrationError(f"distill: labels in {path} must be integers, got {y.dtype}")
-    if y.size < rows:
-        raise CalibrationError(f"distill: {path} has {y.size} labels for {rows} rows of logits")
-    y = y[:rows].astype(np.int64)
-    if y.min() < 0 or y.max() >= classes:
-        raise CalibrationError(f"distill: labels in {path} must lie in [0, {classes})")
-    return y
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
