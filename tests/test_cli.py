@@ -48,6 +48,23 @@ def _external_with_location(folder, location):
     return path
 
 
+def _bad_utf8(folder, field: str = "output"):
+    """A model whose text ``field`` holds bytes that are not UTF-8 (protobuf parses it
+    and hands the field over as bytes)."""
+    w = numpy_helper.from_array(np.ones((2,), np.float32), "wQQQ")
+    nodes = [helper.make_node("Add", ["x", "wQQQ"], ["yQQQ"]), helper.make_node("Relu", ["yQQQ"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(proto, {"authorQQQ": "x"})
+    marker = {"output": b"yQQQ", "initializer": b"wQQQ", "metadata": b"authorQQQ"}[field]
+    data = proto.SerializeToString()
+    assert data.count(marker) >= 1
+    path = folder / f"utf8-{field}.onnx"
+    path.write_bytes(data.replace(marker, marker[:-3] + b"\xff\xfe\x80"))
+    return path
+
+
 class _Breaker(Pass):
     name = "test-cli-breaker"
     summary = "claims exact, changes the outputs (tests only)"
@@ -93,11 +110,13 @@ def _error_cases(tmp_path, model_path):
     np.savez(feeds_shape, input=np.zeros((1, 3, 8, 16), np.float32))
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=np.zeros((4, 5, 16, 16), np.float32))
+    bad_utf8 = _bad_utf8(tmp_path)
     m = model_path
     cases = [
         ("not-onnx", ["optimize", not_onnx, "-o", out], 2, "not an ONNX model", not_onnx),
         ("truncated", ["optimize", truncated, "-o", out], 2, "not an ONNX model or truncated", truncated),
         ("missing", ["optimize", tmp_path / "nope.onnx", "-o", out], 2, "no such file", None),
+        ("bad-utf8", ["optimize", bad_utf8, "-o", out], 2, "is not valid UTF-8", bad_utf8),
         ("ext-absolute", ["optimize", absolute, "-o", out], 2, "is absolute", absolute),
         ("ext-upward", ["optimize", upward, "-o", out], 2, "leaves the model's folder", upward),
         ("ext-symlink", ["optimize", linked, "-o", out], 2, "leaves the model's folder", linked),
@@ -136,6 +155,17 @@ def test_every_user_error_is_one_line_with_its_exit_code(tmp_path, model_path, c
         assert not list(out.parent.glob(".out.onnx*")), f"{name}: a temporary file was left"
         if before is not None:
             assert source.read_bytes() == before, f"{name}: the input changed"
+
+
+@pytest.mark.parametrize("field", ["output", "initializer", "metadata"])
+@pytest.mark.parametrize("command", ["optimize", "inspect"])
+def test_text_that_is_not_utf8_is_bad_input(tmp_path, capsys, field, command):
+    path = _bad_utf8(tmp_path, field)
+    argv = [command, path] + (["-o", tmp_path / "out.onnx"] if command == "optimize" else [])
+    code, stdout, stderr = _run(capsys, *argv)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is not valid UTF-8" in lines[0], stderr
+    assert "internal error" not in stderr and not (tmp_path / "out.onnx").exists()
 
 
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path, model_path, capsys, breaker):
