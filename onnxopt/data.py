@@ -39,6 +39,7 @@ __all__ = [
     "parse_shape",
     "resolve_shapes",
     "random_feeds",
+    "random_array",
     "load_feeds",
     "check_feeds",
     "Calibration",
@@ -171,21 +172,44 @@ def random_feeds(model: Model, shapes: Mapping[str, Iterable[int]] | None = None
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in input_specs(model):
-        shape = concrete[spec.name]
-        dt = spec.dtype
-        if dt == np.bool_:
-            arr = rng.random(shape) < 0.5
-        elif np.issubdtype(dt, np.integer):
-            high = _int_high(model, spec.name)
-            if np.issubdtype(dt, np.unsignedinteger):
-                high = min(high, int(np.iinfo(dt).max) + 1)
-            arr = rng.integers(0, max(high, 1), size=shape).astype(dt)
-        elif dt.kind == "O" or dt.kind in "SU":
-            arr = np.full(shape, "a", dtype=object)
-        else:
-            arr = rng.standard_normal(shape).astype(np.float32).astype(dt)
-        feeds[spec.name] = arr
+        high = _int_high(model, spec.name) if _integer_range(spec.dtype) else DEFAULT_INT_HIGH
+        feeds[spec.name] = random_array(rng, spec.dtype, concrete[spec.name], high)
     return feeds, notes
+
+
+def _integer_range(dt: np.dtype) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer dtype, the 2- and 4-bit ones included; None otherwise."""
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return int(info.min), int(info.max)
+    if dt.kind == "V":  # ml_dtypes' int4/uint4/int2/uint2 (and its floats, which are not integers)
+        import ml_dtypes
+
+        try:
+            info = ml_dtypes.iinfo(dt)
+        except ValueError:
+            return None
+        return int(info.min), int(info.max)
+    return None
+
+
+def random_array(rng: np.random.Generator, dt: np.dtype, shape: tuple[int, ...],
+                 high: int = DEFAULT_INT_HIGH) -> np.ndarray:
+    """An array of dtype ``dt`` and shape ``shape`` (rank 0 included: always an
+    ``ndarray``, never a numpy scalar, which onnxruntime refuses): booleans half true,
+    integers in ``[0, high)`` (within the dtype's range), strings ``"a"``, anything else
+    standard-normal values converted from float32."""
+    shape = tuple(int(d) for d in shape)
+    dt = np.dtype(dt)
+    if dt == np.bool_:
+        arr = rng.random(shape) < 0.5
+    elif (bounds := _integer_range(dt)) is not None:
+        arr = rng.integers(0, max(1, min(high, bounds[1] + 1)), size=shape)
+    elif dt.kind in "OSU":
+        return np.full(shape, "a", dtype=object)
+    else:
+        arr = rng.standard_normal(shape).astype(np.float32)
+    return np.asarray(arr).astype(dt).reshape(shape)
 
 
 def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], *, what: str = "feeds",
