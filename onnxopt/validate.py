@@ -22,6 +22,7 @@ it raises :class:`ProviderUnavailable`; there is no silent fallback to the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -58,6 +59,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_MIN_COSINE = 0.99
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceFailed(UsageError):
@@ -99,7 +102,9 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
     ``extended`` or ``all``; ``optimized_path`` saves onnxruntime's optimized graph.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # onnxruntime logs a failing kernel in colour on stderr, before our one-line error
+    # says the same: its own log is for --debug (our logger at DEBUG) only.
+    opts.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
     opts.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

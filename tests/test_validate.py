@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
+import onnx
+import onnx.parser
 import pytest
 
 from models import builders
@@ -99,3 +104,21 @@ def test_validate_on_cuda():
     ref = Model.from_proto(builders.cnn())
     v = validate(ref, ref.copy(), providers=["cpu", "cuda"], runs=2)
     assert [p.provider for p in v.providers] == ["cpu", "cuda"] and v.passed
+
+
+def test_a_failing_reference_is_one_line_and_onnxruntime_logs_only_with_debug(tmp_path):
+    """onnxruntime logs a kernel that fails (in colour, several lines) before our error
+    says the same in one line: its log reaches stderr only under --debug."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[N, M] x) => (float[3, 5] y) { s = Constant<value = int64[2] {3, 5}>()  y = Reshape(x, s) }
+    """)
+    path = tmp_path / "reshape.onnx"
+    onnx.save(proto, path)
+    argv = [sys.executable, "-m", "onnxopt.cli", "optimize", str(path), "-o", str(tmp_path / "out.onnx"), "-q"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxopt: error: the reference model does not run"), lines
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
+    assert "[E:onnxruntime" in debug.stderr and "Traceback" in debug.stderr
