@@ -32,6 +32,22 @@ def _providers(text: str) -> list[str]:
     return [p for p in text.split(",") if p.strip()]
 
 
+def _number(kind: type, low: float, high: float | None = None):
+    """An argparse type: ``kind`` within ``[low, high]`` (a bad value is a usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (value >= low and (high is None or value <= high)):  # NaN fails both
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineArgumentParser(prog="onnxopt", description="A graph-rewriting compiler for ONNX models; "
                 "every rewrite is checked against the original on onnxruntime.")
@@ -67,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--force", action="store_true", help="write the output even if validation fails")
     so.add_argument("--verify-each", action="store_true",
                     help="check the model after every pass; roll back a pass that breaks it")
-    so.add_argument("--max-rounds", type=int, default=None, help="bound on rounds of a fixed-point group (8)")
+    so.add_argument("--max-rounds", type=_number(int, 1), default=None, help="bound on rounds of a fixed-point group (8)")
     so.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                     help="store tensors in a .data file beside the model (auto: above 2 GB)")
     so.add_argument("--report", help="write the JSON report here")
@@ -99,12 +115,12 @@ def _feeds_args(sp: argparse.ArgumentParser) -> None:
                     help="fix a dynamic input shape, e.g. images=1x3x640x640 (repeatable)")
     sp.add_argument("--providers", type=_providers, default=["cpu"],
                     help="execution providers, comma-separated: cpu, cuda (default cpu)")
-    sp.add_argument("--rtol", type=float, default=None, help="relative tolerance for exact passes (1e-3)")
-    sp.add_argument("--atol", type=float, default=None, help="absolute tolerance for exact passes (1e-4)")
-    sp.add_argument("--min-cosine", type=float, default=None,
+    sp.add_argument("--rtol", type=_number(float, 0.0), default=None, help="relative tolerance for exact passes (1e-3)")
+    sp.add_argument("--atol", type=_number(float, 0.0), default=None, help="absolute tolerance for exact passes (1e-4)")
+    sp.add_argument("--min-cosine", type=_number(float, -1.0, 1.0), default=None,
                     help="fidelity bound for lossy passes (0.99); for 'validate' it selects the fidelity mode")
-    sp.add_argument("--runs", type=int, default=10, help="timed runs for latency (0: none)")
-    sp.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    sp.add_argument("--runs", type=_number(int, 0), default=10, help="timed runs for latency (0: none)")
+    sp.add_argument("--threads", type=_number(int, 0), default=None, help="onnxruntime intra-op threads")
 
 
 class _RichProgress:

@@ -134,6 +134,11 @@ def _error_cases(tmp_path, model_path):
         ("proc-output", ["optimize", m, "-o", "/proc/onnxopt-out.onnx"], 2, "cannot write", m),
         ("same-as-input", ["optimize", m, "-o", m], 2, "is the input model", m),
         ("bad-flag", ["optimize", m, "-o", out, "--frobnicate"], 2, "unrecognized arguments", m),
+        ("max-rounds", ["optimize", m, "-o", out, "--max-rounds", "-1"], 2, "must be at least 1", m),
+        ("min-cosine", ["optimize", m, "-o", out, "--min-cosine", "nan"], 2, "must be between -1.0 and 1.0", m),
+        ("runs", ["optimize", m, "-o", out, "--runs", "x"], 2, "invalid int value: 'x'", m),
+        ("threads", ["optimize", m, "-o", out, "--threads", "-2"], 2, "must be at least 0", m),
+        ("atol", ["optimize", m, "-o", out, "--atol=-1e-3"], 2, "must be at least 0.0", m),
     ]
     if "cuda" not in available_providers():
         cases.append(("no-cuda", ["optimize", m, "-o", out, "--providers", "cpu,cuda"], 2,
