@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_DIM",
     "DEFAULT_INT_HIGH",
+    "MAX_GENERATED_BYTES",
     "InputSpec",
     "input_specs",
     "parse_shape",
@@ -49,6 +50,9 @@ __all__ = [
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 64
 DEFAULT_INT_HIGH = 8
+#: Generated feeds larger than this (all inputs together) are refused: a model that
+#: declares a huge dimension gets a clear error instead of running out of memory.
+MAX_GENERATED_BYTES = 2**30
 
 
 @dataclass
@@ -169,12 +173,28 @@ def random_feeds(model: Model, shapes: Mapping[str, Iterable[int]] | None = None
                  seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
     """Deterministic random feeds matching the model's signature, and defaulting notes."""
     concrete, notes = resolve_shapes(model, shapes)
+    _check_generated_size(input_specs(model), concrete)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in input_specs(model):
         high = _int_high(model, spec.name) if _integer_range(spec.dtype) else DEFAULT_INT_HIGH
         feeds[spec.name] = random_array(rng, spec.dtype, concrete[spec.name], high)
     return feeds, notes
+
+
+def _check_generated_size(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse feeds that would not fit in memory, before allocating any of them."""
+    total = 0
+    for spec in specs:
+        count = 1
+        for d in shapes[spec.name]:
+            count *= int(d)
+        nbytes = count * max(spec.dtype.itemsize, 1)
+        total += nbytes
+        if total > MAX_GENERATED_BYTES:
+            dims = "x".join(map(str, shapes[spec.name]))
+            raise FeedError(f"generated feeds would take {total / 2**30:.3g} GiB (input '{spec.name}' is "
+                            f"{dims} {spec.dtype}); give smaller dimensions with --shape or feeds with --inputs")
 
 
 def _integer_range(dt: np.dtype) -> tuple[int, int] | None:

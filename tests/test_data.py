@@ -111,6 +111,23 @@ def test_rank0_bool_condition_validates_with_generated_feeds():
     assert validate(model, model.copy(), runs=0).passed
 
 
+def test_generated_feeds_too_large_for_memory_are_refused_before_allocating():
+    fixed = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2147483648, 4] x) => (float[2147483648, 4] y) { y = Relu(x) }
+    """)
+    with pytest.raises(FeedError, match=r"would take 32 GiB \(input 'x' is 2147483648x4 float32\)"):
+        random_feeds(fixed)
+    dynamic = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (uint8[N] u, float[M] v) => (uint8[N] y) { y = Identity(u) }
+    """)
+    with pytest.raises(FeedError, match="give smaller dimensions with --shape"):
+        random_feeds(dynamic, {"u": (2**30,), "v": (1024,)})
+    feeds, _ = random_feeds(dynamic, {"u": (2**20,)})
+    assert feeds["u"].shape == (2**20,)
+
+
 def test_load_feeds_npz_and_npy(tmp_path, cnn):
     x = np.zeros((2, 3, 32, 32), np.float32)
     np.savez(tmp_path / "f.npz", input=x)
