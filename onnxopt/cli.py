@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    args = None
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxoptError as exc:
         if debug:
             raise
+        if exc.exit_code == EXIT_INTERNAL:
+            return _internal(args, exc)
         print(f"onnxopt: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -416,9 +419,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless --debug
         if debug:
             raise
-        print(f"onnxopt: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(args, exc)
+
+
+def _internal(args, exc: Exception) -> int:
+    """One line for a failure that is not the user's — unless an input model turns out
+    not to be valid ONNX, which makes it bad input after all (exit 2)."""
+    from .diagnose import why_invalid
+
+    what = _one_line(exc) if isinstance(exc, OnnxoptError) else f"{type(exc).__name__}: {_one_line(exc)}"
+    for name in ("model", "reference", "candidate"):
+        path = getattr(args, name, None)
+        reason = why_invalid(path) if path and Path(path).is_file() else ""
+        if reason:
+            print(f"onnxopt: error: {path}: not a valid ONNX model ({_one_line(Exception(reason))}); "
+                  f"on it, {what}"[:1000], file=sys.stderr)
+            return EXIT_USAGE
+    prefix = "error" if isinstance(exc, OnnxoptError) else "internal error"
+    print(f"onnxopt: {prefix}: {what} (run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _one_line(exc: BaseException) -> str:

@@ -257,6 +257,8 @@ def check_external_data(proto: onnx.ModelProto, base_dir: str | None, where: str
         if base_dir is None:
             raise ModelLoadError(
                 f"{where}: tensor '{tensor.name}' has external data but the model's folder is unknown")
+        if "\0" in location:
+            raise ModelLoadError(f"{where}: external data location of tensor '{tensor.name}' holds a NUL byte")
         if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
             raise UnsafePathError(
                 f"{where}: external data location '{location}' of tensor '{tensor.name}' is absolute")

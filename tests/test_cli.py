@@ -75,6 +75,22 @@ class _Breaker(Pass):
         return PassResult(True)
 
 
+class _Crasher(Pass):
+    name = "test-cli-crasher"
+    summary = "raises on every model (tests only)"
+    options = {}
+
+    def run(self, model, ctx):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def crasher():
+    register(_Crasher)
+    yield
+    framework._PASSES.pop(_Crasher.name, None)
+
+
 @pytest.fixture
 def breaker():
     register(_Breaker)
@@ -97,6 +113,7 @@ def _error_cases(tmp_path, model_path):
     up_dir.mkdir(parents=True)
     (tmp_path / "up" / "w.bin").write_bytes(b"\0" * 1024)
     upward = _external_with_location(up_dir, "../w.bin")
+    nul = _external_with_location(tmp_path / "up", "w.bin\0x")
     link_dir = tmp_path / "link"
     link_dir.mkdir()
     linked = _external_with_location(link_dir, "w.bin")
@@ -119,6 +136,7 @@ def _error_cases(tmp_path, model_path):
         ("bad-utf8", ["optimize", bad_utf8, "-o", out], 2, "is not valid UTF-8", bad_utf8),
         ("ext-absolute", ["optimize", absolute, "-o", out], 2, "is absolute", absolute),
         ("ext-upward", ["optimize", upward, "-o", out], 2, "leaves the model's folder", upward),
+        ("ext-nul", ["optimize", nul, "-o", out], 2, "holds a NUL byte", nul),
         ("ext-symlink", ["optimize", linked, "-o", out], 2, "leaves the model's folder", linked),
         ("unknown-pass", ["optimize", m, "-o", out, "-p", "fold-everything"], 2,
          "unknown pass 'fold-everything'; valid passes: ", m),
@@ -171,6 +189,23 @@ def test_text_that_is_not_utf8_is_bad_input(tmp_path, capsys, field, command):
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "is not valid UTF-8" in lines[0], stderr
     assert "internal error" not in stderr and not (tmp_path / "out.onnx").exists()
+
+
+def test_a_pass_that_raises_is_exit_3_on_a_valid_model_and_2_on_an_invalid_one(tmp_path, capsys, crasher):
+    valid = tmp_path / "valid.onnx"
+    onnx.save(builders.mlp(), valid)
+    code, _, err = _run(capsys, "optimize", valid, "-o", tmp_path / "out.onnx", "-p", "test-cli-crasher", "-q")
+    assert code == 3 and err.strip().splitlines() == [
+        "onnxopt: error: pass 'test-cli-crasher' failed: boom (run with --debug for the traceback)"]
+    proto = builders.mlp()
+    proto.graph.node.insert(0, helper.make_node("Transpose", [], ["t"]))  # no input: onnx.checker refuses
+    invalid = tmp_path / "invalid.onnx"
+    invalid.write_bytes(proto.SerializeToString())
+    code, _, err = _run(capsys, "optimize", invalid, "-o", tmp_path / "out.onnx", "-p", "test-cli-crasher", "-q")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not (tmp_path / "out.onnx").exists()
+    assert lines[0].startswith(f"onnxopt: error: {invalid}: not a valid ONNX model (onnx.checker: ")
+    assert "Transpose" in lines[0] and lines[0].endswith("on it, pass 'test-cli-crasher' failed: boom")
 
 
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path, model_path, capsys, breaker):
