@@ -398,3 +398,19 @@ def test_matmul_add_with_a_bias_constant_node_after_the_matmul_stays_sorted(wher
     assert [n.op for n in body.nodes] == ["Constant", "Gemm"]
     feeds = {"x": _x(2, 3)} if where == "main" else {"x": _x(2, 3), "c": np.array(True)}
     _check(model, ran, feeds)
+
+
+def test_gemm_add_with_a_bias_constant_node_after_the_gemm_stays_sorted():
+    """Found by differential fuzzing: the Add's operand, a Constant node placed after the
+    Gemm, became the Gemm's C as it was (an unsorted graph)."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2,4] x) => (float[2,3] y) <float[3,4] w = {1, 2, 3, 4, -1, 0.5, 0, 2, 1, 1, 1, 1}> {
+            g = Gemm<transB = 1>(x, w)
+            c = Constant<value = float[3] {-0.1, 0.7, 2}>()
+            y = Add(g, c)
+        }
+    """)
+    ran = run_pass("fuse", model)  # run_pass checks the result with onnx.checker
+    assert ran.stats["fused_gemm_add"] == 1 and ops(ran.model) == ["Gemm"]
+    _check(model, ran, {"x": _x(2, 4)})
