@@ -111,6 +111,8 @@ class Seed:
 
 
 def _node_case_models(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
+    if count <= 0:
+        return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with np.errstate(all="ignore"):

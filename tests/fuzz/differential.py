@@ -26,6 +26,9 @@ import onnx.printer
 __all__ = ["GraphResult", "Differential", "check_graph", "shrink", "run_differential"]
 
 PIPELINE = "default"
+#: One graph in three also goes through one exact pass alone (what ``-p fuse`` runs):
+#: the preset's order can hide what a pass does on input the others have not cleaned.
+SINGLE = ["fold-constants", "eliminate-noops", "fold-batchnorm", "fuse", "dedup-weights", "cse", "dead-nodes"]
 #: Seconds one graph may take (generation, passes, both onnxruntime runs) before it
 #: counts as a hang.
 GRAPH_TIMEOUT = 60
@@ -41,6 +44,7 @@ class GraphResult:
     nodes_after: int = 0
     seconds: float = 0.0
     shrunk: str = ""  # the minimal failing model in ONNX text
+    pipeline: str = PIPELINE
 
 
 def _feeds(proto: onnx.ModelProto) -> dict:
@@ -70,8 +74,9 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     return "crash", f"{type(exc).__name__} at {where}: {text}"
 
 
-def check_graph(proto: onnx.ModelProto, feeds: dict | None = None) -> tuple[str, str, dict]:
-    """``(kind, detail, figures)`` of one model through the pipeline; kind ``ok`` when it
+def check_graph(proto: onnx.ModelProto, feeds: dict | None = None, *,
+                pipeline: str = PIPELINE) -> tuple[str, str, dict]:
+    """``(kind, detail, figures)`` of one model through ``pipeline``; kind ``ok`` when it
     keeps the conformance contract."""
     import pytest
 
@@ -82,7 +87,7 @@ def check_graph(proto: onnx.ModelProto, feeds: dict | None = None) -> tuple[str,
     except Exception as exc:
         return "generator", f"no feeds: {exc}", {}
     try:
-        figures = check_pipeline_on(proto, feeds, pipeline=PIPELINE)
+        figures = check_pipeline_on(proto, feeds, pipeline=pipeline)
     except pytest.skip.Exception as exc:  # onnxruntime cannot run the original (its limits, not ours)
         return "skipped", str(exc)[:300], {}
     except Exception as exc:  # AssertionError included
@@ -91,7 +96,7 @@ def check_graph(proto: onnx.ModelProto, feeds: dict | None = None) -> tuple[str,
     batch = _other_batch(proto)
     if batch is not None:  # a dynamic batch: the result must hold for another size too
         try:
-            check_pipeline_on(proto, batch, pipeline=PIPELINE)
+            check_pipeline_on(proto, batch, pipeline=pipeline)
         except pytest.skip.Exception:  # the original itself is tied to batch 1
             pass
         except Exception as exc:
@@ -119,6 +124,7 @@ def _one(seed: int) -> GraphResult:
     from tests.fuzz.graphs import random_graph
 
     t0 = time.perf_counter()
+    pipeline = PIPELINE
     signal.alarm(GRAPH_TIMEOUT)
     try:
         try:
@@ -127,14 +133,23 @@ def _one(seed: int) -> GraphResult:
         except Exception as exc:
             return GraphResult(seed, "generator", f"{type(exc).__name__}: {exc}"[:300])
         kind, detail, figures = check_graph(proto)
+        if kind == "ok" and seed % 3 == 0:
+            pipeline = SINGLE[(seed // 3) % len(SINGLE)]
+            kind, detail, _ = check_graph(proto, pipeline=pipeline)
     except _Hang:
         kind, detail, figures = "hang", f"over {GRAPH_TIMEOUT} s", {}
     finally:
         signal.alarm(0)
     result = GraphResult(seed, kind, detail, figures.get("nodes_before", 0), figures.get("nodes_after", 0),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, pipeline=pipeline)
     if kind not in ("ok", "skipped", "generator", "hang"):
-        small = shrink(proto, kind, detail)
+        signal.alarm(GRAPH_TIMEOUT * 5)
+        try:
+            small = shrink(proto, kind, detail, pipeline=pipeline)
+        except _Hang:
+            small = proto
+        finally:
+            signal.alarm(0)
         result.shrunk = onnx.printer.to_text(small)
     return result
 
@@ -157,13 +172,13 @@ def _init_worker() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _same_failure(kind: str, detail: str):
+def _same_failure(kind: str, detail: str, pipeline: str):
     key = detail.split(":")[0] if kind == "crash" else ""
 
     def still(proto: onnx.ModelProto) -> bool:
         try:
             onnx.checker.check_model(proto)
-            got, got_detail, _ = check_graph(proto)
+            got, got_detail, _ = check_graph(proto, pipeline=pipeline)
         except Exception:
             return False
         return got == kind and (not key or got_detail.split(":")[0] == key)
@@ -180,20 +195,16 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _prune(proto: onnx.ModelProto) -> None:
-    """Drop nodes nobody reads and initializers nobody uses (main graph; bodies stay)."""
+    """Drop initializers, value_info and graph inputs nothing reads any more (nodes stay:
+    a failure may live in code nobody reads, so dead nodes go one at a time, as
+    candidates of their own)."""
     g = proto.graph
     needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(_body_reads(a.g))
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
+    for node in g.node:
+        needed.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                needed.update(_body_reads(a.g))
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
@@ -225,6 +236,19 @@ def _candidates(proto: onnx.ModelProto):
             del m.graph.output[i]
             _prune(m)
             yield m
+    read = {o.name for o in g.output}
+    for node in g.node:
+        read.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                read.update(_body_reads(a.g))
+    for i in reversed(range(len(g.node))):  # a node nobody reads
+        if not any(o in read for o in g.node[i].output):
+            m = onnx.ModelProto()
+            m.CopyFrom(proto)
+            del m.graph.node[i]
+            _prune(m)
+            yield m
     types = _shapes(proto)
     for i in reversed(range(len(g.node))):
         node = g.node[i]
@@ -237,6 +261,7 @@ def _candidates(proto: onnx.ModelProto):
             if src and t is not None and types.get(src) == t:
                 m = onnx.ModelProto()
                 m.CopyFrom(proto)
+                del m.graph.node[i]
                 _rewire(m, out, src)
                 _prune(m)
                 yield m
@@ -275,10 +300,12 @@ def _graphs(g: onnx.GraphProto):
                 yield from _graphs(a.g)
 
 
-def shrink(proto: onnx.ModelProto, kind: str, detail: str, *, budget: int = 300) -> onnx.ModelProto:
-    """The smallest variant of ``proto`` found that still fails as ``kind`` (greedy:
-    take the first smaller variant that fails, start again from it)."""
-    still = _same_failure(kind, detail)
+def shrink(proto: onnx.ModelProto, kind: str = "", detail: str = "", *, budget: int = 300,
+           pipeline: str = PIPELINE, still=None) -> onnx.ModelProto:
+    """The smallest variant of ``proto`` found that still fails as ``kind`` through
+    ``pipeline`` (or for which ``still(model)`` holds); greedy: take the first smaller
+    variant that fails, start again from it."""
+    still = still or _same_failure(kind, detail, pipeline)
     best = proto
     tries = 0
     improved = True
@@ -316,7 +343,8 @@ class Differential:
         return {"graphs": len(self.results), "seconds": round(self.seconds, 1), "kinds": dict(kinds),
                 "nodes_before": sum(r.nodes_before for r in self.results),
                 "nodes_after": sum(r.nodes_after for r in self.results),
-                "failures": [{"seed": r.seed, "kind": r.kind, "detail": r.detail, "shrunk": r.shrunk}
+                "failures": [{"seed": r.seed, "pipeline": r.pipeline, "kind": r.kind, "detail": r.detail,
+                              "shrunk": r.shrunk}
                              for r in self.failures]}
 
     def text(self) -> str:
@@ -324,7 +352,7 @@ class Differential:
         lines = [f"differential: {s['graphs']} graphs in {s['seconds']:.0f} s, {s['kinds']}; "
                  f"nodes {s['nodes_before']} -> {s['nodes_after']}"]
         for r in self.failures:
-            lines.append(f"  seed {r.seed}: {r.kind}: {r.detail[:200]}")
+            lines.append(f"  seed {r.seed} ({r.pipeline}): {r.kind}: {r.detail[:200]}")
             if r.shrunk:
                 lines.append("    " + r.shrunk.replace("\n", "\n    "))
         return "\n".join(lines)
@@ -339,11 +367,11 @@ def run_differential(seeds, *, workers: int = 2, root: Path | None = None, verbo
         for r in pool.imap_unordered(_one, list(seeds), chunksize=4):
             out.results.append(r)
             if verbose and r.kind not in ("ok", "skipped"):
-                print(f"seed {r.seed}: {r.kind}: {r.detail[:200]}", flush=True)
+                print(f"seed {r.seed} ({r.pipeline}): {r.kind}: {r.detail[:200]}", flush=True)
             if r.kind not in ("ok", "skipped") and root is not None:
                 folder = root / "differential"
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"seed-{r.seed}.txt").write_text(f"# {r.kind}: {r.detail}\n{r.shrunk}\n")
+                (folder / f"seed-{r.seed}.txt").write_text(f"# {r.pipeline}: {r.kind}: {r.detail}\n{r.shrunk}\n")
     out.results.sort(key=lambda r: r.seed)
     out.seconds = time.perf_counter() - t0
     return out

@@ -23,7 +23,7 @@ import onnx
 import onnx.numpy_helper
 from onnx import AttributeProto, TensorProto, helper
 
-__all__ = ["MUTATORS", "mutate", "mutate_bytes", "graphs_of"]
+__all__ = ["MUTATORS", "PRESERVING", "mutate", "mutate_bytes", "graphs_of"]
 
 #: Dimension values a mutation picks from: edge cases first, then ordinary ones.
 ODD_DIMS = [0, 1, -1, -7, 2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1, 3, 5, 16, 64]
@@ -529,12 +529,82 @@ def strings(m: onnx.ModelProto, rng: random.Random) -> str | None:
     return "doc string and producer made odd"
 
 
+# ---- mutations that keep a valid model valid (they reach the passes, not the loader) ----
+
+
+def dynamic_dims(m: onnx.ModelProto, rng: random.Random) -> str | None:
+    """Graph input dimensions become named (dynamic), as a user editing an export does."""
+    inputs = [v for v in m.graph.input if v.type.HasField("tensor_type") and v.type.tensor_type.shape.dim]
+    if not inputs:
+        return None
+    v = rng.choice(inputs)
+    dims = v.type.tensor_type.shape.dim
+    picked = [0] if rng.random() < 0.6 else range(len(dims))
+    for i in picked:
+        dims[i].dim_param = rng.choice(["N", "batch", f"d{i}", "?"])
+    return f"input {v.name!r} dims {list(picked)} dynamic"
+
+
+def insert_noop(m: onnx.ModelProto, rng: random.Random) -> str | None:
+    """An Identity between a tensor and one reader of it: what eliminate-noops removes."""
+    picked = _pick_node(m, rng)
+    if picked is None:
+        return None
+    g, node = picked
+    slots = [i for i, name in enumerate(node.input) if name]
+    if not slots or node.op_type == "Constant":
+        return None
+    i = rng.choice(slots)
+    new = f"{node.input[i]}__noop{rng.randrange(10**6)}"
+    op = "Identity"
+    g.node.insert(list(g.node).index(node), helper.make_node(op, [node.input[i]], [new]))
+    node.input[i] = new
+    return f"{op} before input {i} of {node.op_type}"
+
+
+def duplicate_node(m: onnx.ModelProto, rng: random.Random) -> str | None:
+    """A node computed twice (same op, inputs, attributes): the copy is a new graph
+    output when its type is declared, so that cse has something to merge."""
+    g = m.graph
+    typed = {v.name: v for v in list(g.value_info) + list(g.output)}
+    cands = [n for n in g.node if len(n.output) == 1 and n.output[0] in typed]
+    if not cands:
+        return None
+    node = rng.choice(cands)
+    twin = onnx.NodeProto()
+    twin.CopyFrom(node)
+    twin.name = (node.name or node.op_type) + "__twin"
+    twin.output[0] = node.output[0] + "__twin"
+    g.node.insert(list(g.node).index(node) + 1, twin)
+    out = g.output.add()
+    out.CopyFrom(typed[node.output[0]])
+    out.name = twin.output[0]
+    return f"{node.op_type} duplicated as a new output"
+
+
+def declared_shape(m: onnx.ModelProto, rng: random.Random) -> str | None:
+    """A value_info entry declares a shape the graph does not compute (same rank, other
+    sizes): a pass must never trust it."""
+    vis = [v for g in graphs_of(m.graph) for v in g.value_info
+           if v.type.HasField("tensor_type") and v.type.tensor_type.shape.dim]
+    if not vis:
+        return None
+    v = rng.choice(vis)
+    d = rng.choice(v.type.tensor_type.shape.dim)
+    d.dim_value = rng.choice([1, 2, 3, 7])
+    return f"value_info of {v.name!r} declares {d.dim_value}"
+
+
+#: Mutations after which a valid model stays valid.
+PRESERVING = {"dynamic-dims": dynamic_dims, "insert-noop": insert_noop, "duplicate-node": duplicate_node,
+              "declared-shape": declared_shape}
+
 MUTATORS: dict[str, Callable[[onnx.ModelProto, random.Random], str | None]] = {
     "dim": dim_value, "rank": rank, "elem-type": elem_type, "init-type": initializer_type,
     "init-dims": initializer_dims, "init-data": initializer_data, "attribute": attribute,
     "dangling": dangling, "duplicate": duplicate, "cycle": cycle, "reorder": reorder, "op-type": op_type,
     "opset": opset, "subgraph": subgraph, "external": external, "outputs": outputs,
-    "shape-constant": shape_constant, "strings": strings,
+    "shape-constant": shape_constant, "strings": strings, **PRESERVING,
 }
 
 
@@ -544,11 +614,15 @@ def mutate(m: onnx.ModelProto, rng: random.Random, count: int | None = None) -> 
     done = []
     count = count if count is not None else rng.choice([1, 1, 1, 2, 3])
     names = sorted(MUTATORS)
+    keep_valid = rng.random() < 0.35  # a third of the cases stay valid and reach the passes
     for _ in range(count * 4):
         if len(done) >= count:
             break
-        name = rng.choice(names)
-        what = MUTATORS[name](m, rng)
+        name = rng.choice(sorted(PRESERVING) if keep_valid else names)
+        try:
+            what = MUTATORS[name](m, rng)
+        except Exception:  # an earlier mutation left something this one cannot read
+            what = None
         if what is not None:
             done.append(f"{name}: {what}")
     return done
