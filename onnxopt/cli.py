@@ -169,14 +169,14 @@ def _shapes(items: list[str]) -> dict:
 
 
 def _cmd_passes(args, console) -> int:
-    from .framework import presets, registered_passes
+    from .framework import pass_source, presets, registered_passes
 
     passes = registered_passes()
     if args.markdown:
         print(pass_table_markdown())
         return EXIT_OK
     if args.json:
-        data = {"passes": [{"name": n, "summary": c.summary, "exact": c.exact,
+        data = {"passes": [{"name": n, "summary": c.summary, "exact": c.exact, "source": pass_source(c),
                             "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                             **({"choices": list(o.choices)} if o.choices else {})}
                                         for k, o in c.options.items()}}
@@ -192,7 +192,8 @@ def _cmd_passes(args, console) -> int:
         t.add_column(col)
     for name, cls in passes.items():
         opts = "\n".join(f"{k}: {o.describe()} — {o.help}" for k, o in cls.options.items())
-        t.add_row(name, "exact" if cls.exact else "lossy", escape(cls.summary), escape(opts) or "-")
+        t.add_row(f"{name}\n[dim]{escape(pass_source(cls))}[/dim]", "exact" if cls.exact else "lossy",
+                  escape(cls.summary), escape(opts) or "-")
     console.print(t)
     pt = Table(title="presets", title_justify="left")
     for col in ("name", "pipeline", "summary"):
@@ -205,7 +206,7 @@ def _cmd_passes(args, console) -> int:
 
 def pass_table_markdown() -> str:
     """The pass table of the README, generated from the registry."""
-    from .framework import presets, registered_passes
+    from .framework import pass_source, presets, registered_passes
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
@@ -213,7 +214,8 @@ def pass_table_markdown() -> str:
     lines = ["| pass | kind | what it does | options |", "| --- | --- | --- | --- |"]
     for name, cls in registered_passes().items():
         opts = "<br>".join(f"`{k}` ({cell(o.describe())}): {cell(o.help)}" for k, o in cls.options.items())
-        lines.append(f"| `{name}` | {'exact' if cls.exact else 'lossy'} | {cell(cls.summary)} | {opts or '—'} |")
+        kind = "exact" if cls.exact else "lossy"
+        lines.append(f"| [`{name}`]({pass_source(cls)}) | {kind} | {cell(cls.summary)} | {opts or '—'} |")
     lines += ["", "| preset | pipeline | what it is for |", "| --- | --- | --- |"]
     for name, (pipeline, summary) in presets().items():
         lines.append(f"| `{name}` | `{cell(pipeline)}` | {cell(summary)} |")

@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (importing a module registers its passes)
     fold_constants,
     fp16,
     fuse,
+    inline_if,
     materialize,
     merge_neurons,
     prune_channels,
@@ -28,7 +29,7 @@ from . import (  # noqa: F401  (importing a module registers its passes)
 
 register_preset(
     "default",
-    "[fold-constants,eliminate-noops,fold-batchnorm,fuse,dedup-weights,cse,dead-nodes]",
+    "[fold-constants,inline-if,eliminate-noops,fold-batchnorm,fuse,dedup-weights,cse,dead-nodes]",
     "the exact clean-up passes, run to a fixed point",
 )
 

@@ -30,7 +30,11 @@ bytes unless they are no larger than the constant inputs they replace — foldin
 ``ConstantOfShape``/``Expand``/``Tile``/``Range`` must not inflate the file. A fold may
 also add at most ``grow_limit`` bytes beyond the constant inputs only it reads: slices of
 one shared weight would otherwise copy bytes the weight still holds (silero-vad grew by
-40 % that way). Sizes are
+40 % that way). A fold refused by that rule alone is kept when the group of folds it joins
+(folded nodes linked by the values they pass on) adds at most ``grow_limit`` bytes as a
+whole — what the group writes, less the constants only it reads: slicing a weight into
+pieces that are joined again into one tensor (an LSTM's gates put in ONNX order) writes
+the pieces nowhere and replaces the weight. Sizes are
 checked before evaluating where inference knows the shape, so a huge result is never
 allocated. Each skipped node is counted by reason in the stats and logged at DEBUG.
 
@@ -98,9 +102,10 @@ class FoldConstants(Pass):
     options = {
         "size_limit": Opt(int, 1 << 20, "largest folded tensor in bytes, unless no larger than the "
                           "constant inputs it replaces", minimum=0),
-        "grow_limit": Opt(int, 4096, "most bytes one folded node may add to the file: its result "
-                          "minus the constant inputs only it reads (a slice of a shared weight "
-                          "copies bytes the weight still holds)", minimum=0),
+        "grow_limit": Opt(int, 4096, "most bytes one folded node, or one group of linked folds, may "
+                          "add to the file: what it writes minus the constant inputs only it reads "
+                          "(a slice of a shared weight copies bytes the weight still holds)",
+                          minimum=0),
         "shapes": Opt(bool, True, "fold shape arithmetic where inferred dimensions are static"),
         "constant_nodes": Opt(bool, True, "turn Constant nodes into initializers (IR >= 4)"),
         "keep_compact": Opt(bool, True, "leave the compact weight storage of prune-magnitude and "
@@ -175,6 +180,14 @@ class _FoldPlanner:
         self.cone = _condition_cone(graphs) if use_shapes else set()
         self.protected: set[int] = set()  # nodes that expand compact weight storage
         self.grow_limit: int | None = None  # most bytes one fold may add (None: no bound)
+        self.growing: set[int] = set()  # folds refused by the grow rule alone, pending their group
+
+    @cached_property
+    def range_cone(self) -> set[int]:
+        """Built on first use, like the shape index it needs."""
+        if not any(n.op == "Range" for g in self.graphs for n in g.nodes):
+            return set()
+        return _range_cone(self.graphs, self.index)
 
     @cached_property
     def index(self) -> ShapeIndex:
@@ -228,6 +241,8 @@ class _FoldPlanner:
                     continue
                 if all(self.known(t) for t in node.inputs) and node.inputs and self.needed(node):
                     self._try_fold(node)
+        if self.growing:
+            self._settle_growth()
 
     def skip(self, node: gs.Node, reason: str) -> None:
         self.skipped[f"skipped_{reason}"] += 1
@@ -246,12 +261,10 @@ class _FoldPlanner:
             return self.skip(node, "control_flow")
         if not any(o.name for o in node.outputs):
             return None
-        cap = self.size_limit
         replaced = sum(self.nbytes(t) for t in node.inputs
                        if t.name and len(t.outputs) == 1 and id(t) not in self.outputs)
-        cap = max(cap, replaced)
-        if self.grow_limit is not None:
-            cap = min(cap, replaced + self.grow_limit)
+        cap = max(self.size_limit, replaced)
+        grows = cap if self.grow_limit is None else min(cap, replaced + self.grow_limit)
         estimate = self._estimate(node)
         if estimate is None and node.op in _EXPANDING:
             return self.skip(node, "unknown_size")
@@ -269,10 +282,52 @@ class _FoldPlanner:
             return self.skip(node, "eval_failed")
         if any(r is not None and not _plain(r.dtype) for r in results):
             return self.skip(node, "unsupported_type")
-        if sum(r.nbytes for r in results if r is not None) > cap:
+        made = sum(r.nbytes for r in results if r is not None)
+        if made > cap:
             return self.skip(node, "size_limit")
+        if made > grows:
+            self.growing.add(id(node))  # kept only if its group of folds does not grow the file
         self._record(node, results)
         return None
+
+    def _settle_growth(self) -> None:
+        """Undo the groups of folds (folded nodes linked by the values they pass on) that
+        hold a fold refused by the grow rule and add more than ``grow_limit`` bytes: what
+        the group writes (values read by a node left in place, or graph outputs) less the
+        constants only the group reads. The folds of such a group that depend on a refused
+        one go with it (their inputs would not exist)."""
+        groups: dict[int, list[gs.Node]] = {}
+        root: dict[int, int] = {}
+        for node in self.folded.values():  # decision order: producers before consumers
+            links = {root[id(p)] for t in node.inputs for p in t.inputs if id(p) in root}
+            key = min(links) if links else id(node)
+            for other in links - {key}:
+                for n in groups.pop(other):
+                    root[id(n)] = key
+                    groups.setdefault(key, []).append(n)
+            root[id(node)] = key
+            groups.setdefault(key, []).append(node)
+        for members in groups.values():
+            inside = {id(n) for n in members}
+            if not inside & self.growing:
+                continue
+            written = sum(int(self.values[id(t)].nbytes) for n in members for t in n.outputs
+                          if id(t) in self.values and (id(t) in self.outputs or
+                                                       any(id(c) not in inside for c in t.outputs)))
+            read = {id(t): t for n in members for t in n.inputs if t.name and id(t) not in self.values}
+            freed = sum(self.nbytes(t) for t in read.values() if id(t) not in self.outputs
+                        and all(id(c) in inside for c in t.outputs))
+            if written - freed <= self.grow_limit:
+                continue
+            undone = set(self.growing & inside)
+            for n in members:
+                if id(n) in undone or any(id(p) in undone for t in n.inputs for p in t.inputs):
+                    undone.add(id(n))
+                    self.skip(n, "size_limit")
+                    del self.folded[id(n)]
+                    self.shape_folded.discard(id(n))
+                    for t in n.outputs:
+                        self.values.pop(id(t), None)
 
     def _record(self, node: gs.Node, results: list[np.ndarray | None], shape: bool = False) -> None:
         for t, r in zip(node.outputs, results):
@@ -330,6 +385,9 @@ class _FoldPlanner:
             if shape is not None and id(node) in self.cone:
                 self.skip(node, "if_condition")
                 return True
+            if shape is not None and id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
+                return True
             if shape is not None and self.needed(node):
                 self._record(node, [np.array(int(np.prod(shape, dtype=np.int64)), np.int64)], shape=True)
                 return True
@@ -355,6 +413,9 @@ class _FoldPlanner:
                 return True
             if id(node) in self.cone:
                 self.skip(node, "if_condition")
+                return True
+            if id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
                 return True
             self._record(node, [result.value()], shape=True)
         else:
@@ -491,8 +552,25 @@ def _condition_cone(graphs: list[gs.Graph]) -> set[int]:
     Range fed a 1-element vector inside a branch) would stop loading. Folding constant
     nodes changes nothing there (onnxruntime folds them too), but a value that only
     shape inference makes constant must not reach a condition."""
+    return _cone([n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs])
+
+
+def _range_cone(graphs: list[gs.Graph], index: ShapeIndex) -> set[int]:
+    """ids of the nodes that a Range operand of rank other than 0 depends on.
+
+    Range takes scalars; exporters feed it one-element vectors computed from a shape,
+    which onnxruntime accepts. Once every value on the way is constant, onnxruntime folds
+    them at load time, its shape inference then reads the stored vector, and the model
+    no longer loads. A value that only shape inference makes constant must not start
+    such a chain."""
+    return _cone([t for g in graphs for n in g.nodes if n.op == "Range"
+                  for t in n.inputs[:3] if t.name and index.rank(t) != 0])
+
+
+def _cone(starts: list[gs.Tensor]) -> set[int]:
+    """ids of the nodes that the tensors ``starts`` depend on."""
     cone: set[int] = set()
-    stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs]
+    stack = list(starts)
     while stack:
         t = stack.pop()
         for p in t.inputs:

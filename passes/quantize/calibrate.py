@@ -1,4 +1,4 @@
-"""Calibration for the ``quantize`` pass family: streaming statistics of activations and
+"""Calibration for the ``quantize`` pass: streaming statistics of activations and
 the quantization parameters derived from them.
 
 Calibration data are read one sample at a time (:func:`onnxopt.activations.capture`) and
@@ -157,8 +157,8 @@ class ChannelMeans:
 
 
 def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, histogram: bool,
-            progress=None, channel_axes: dict[str, int] | None = None,
-            limit: int | None = None) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
+            progress=None, channel_axes: dict[str, int] | None = None
+            ) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
     """Run ``model`` over the calibration samples, one at a time, and fold the tensors
     ``names`` into :class:`RangeObserver` s (and ``channel_axes`` tensors into
     :class:`ChannelMeans`). Returns the observers, the channel means and the number of
@@ -166,14 +166,14 @@ def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, 
     observers = {n: RangeObserver(histogram) for n in names}
     means = {n: ChannelMeans(a) for n, a in (channel_axes or {}).items()}
     wanted = list(dict.fromkeys(list(names) + list(means)))
-    total = _length(calibration, limit)
+    total = _length(calibration)
     samples = 0
     if not wanted:
         return observers, means, 0
     task = progress.task("calibrating", total) if progress is not None else None
     advance = task.__enter__() if task is not None else (lambda n=1: None)
     try:
-        for values in capture(model, wanted, _limited(calibration, limit)):
+        for values in capture(model, wanted, calibration):
             for n, obs in observers.items():
                 obs.update(values[n])
             for n, m in means.items():
@@ -186,19 +186,11 @@ def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, 
     return observers, means, samples
 
 
-def _limited(calibration: Iterable[dict], limit: int | None):
-    for i, feeds in enumerate(calibration):
-        if limit is not None and i >= limit:
-            return
-        yield feeds
-
-
-def _length(calibration, limit: int | None) -> int | None:
+def _length(calibration) -> int | None:
     try:
-        n = len(calibration)
+        return len(calibration)
     except TypeError:
-        return limit
-    return n if limit is None else min(n, limit)
+        return None
 
 
 # --------------------------------------------------------------------------------------
