@@ -122,3 +122,22 @@ def test_a_failing_reference_is_one_line_and_onnxruntime_logs_only_with_debug(tm
     assert len(lines) == 1 and lines[0].startswith("onnxopt: error: the reference model does not run"), lines
     debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
     assert "[E:onnxruntime" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_a_node_ending_with_an_omitted_optional_input_does_not_crash_validation(tmp_path):
+    """Found by fuzzing: onnxruntime's graph optimizer crashed the process (SIGSEGV) on a
+    LayerNormalization whose bias is given as "" — a valid model; sessions get the same
+    model without the trailing empty input."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4,5] x, float[5] w) => (float[2,3,4,5] y) { y = LayerNormalization<axis = -1>(x, w, "") }
+    """)
+    path = tmp_path / "ln.onnx"
+    onnx.save(proto, path)
+    argv = [sys.executable, "-m", "onnxopt.cli", "optimize", str(path), "-o", str(tmp_path / "out.onnx"), "-q"]
+    proc = subprocess.run(argv, capture_output=True, text=True)  # a crash would take pytest down with it
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert list(onnx.load(tmp_path / "out.onnx").graph.node[0].input) == ["x", "w", ""]  # the output keeps it
+    model = Model.from_proto(proto)
+    assert validate(model, model, runs=0).passed
+    assert model.graph.nodes[0].inputs[-1].name == ""  # the model validated is left alone
