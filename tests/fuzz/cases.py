@@ -186,7 +186,8 @@ def _pick_seed(corpus: list[Seed], rng: random.Random) -> Seed:
     return rng.choices(corpus, weights=[s.weight for s in corpus])[0]
 
 
-_EXACT = ["dead-nodes", "fold-constants", "eliminate-noops", "dedup-weights", "cse", "fold-batchnorm", "fuse"]
+_EXACT = ["dead-nodes", "fold-constants", "eliminate-noops", "dedup-weights", "cse", "fold-batchnorm", "fuse",
+          "inline-if"]
 _OPTION_PASSES = ["fold-constants(size_limit=64)", "fold-constants(shapes=false)", "dedup-weights(min_bytes=0)",
                   "fuse(skip=matmul-add)", "fold-constants(grow_limit=0)", "fold-constants(keep_compact=false)"]
 _LOSSY = ["prune-magnitude(sparsity=0.5)", "share-weights(bits=4)", "fp16", "materialize",
