@@ -3,6 +3,8 @@
 #               (and write it as JSON and as an HTML page)
 #   make test   set everything up, run the test suite (the HTML report's browser tests
 #               need the system's Chromium: `apt-get install -y chromium`; they skip without it)
+#   make fuzz-ci   the fixed-seed fuzz corpus and 1,000 differential graphs (what CI runs)
+#   make fuzz      a longer campaign (coverage-guided with atheris where it installs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 # build of several GB.
 TORCH  ?= torch==2.13.0
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search bench-finetune clean
+.PHONY: all venv models demo test test-slow fuzz-ci fuzz lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search bench-finetune clean
 
 all: test
 
@@ -40,6 +42,32 @@ test: venv models
 
 test-slow: venv models
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Fuzzing (tests/fuzz): mutated models through the command line, each held to "exit 0, 1
+# or 2, one error line, the input untouched, never a half-written output"; random valid
+# graphs through the default preset, compared with the original on onnxruntime.
+# Reproducers of failures go to $(FUZZ_ROOT)/*/findings and $(FUZZ_ROOT)/*/differential.
+FUZZ_ROOT ?= .fuzz
+FUZZ_CASES ?= 5000
+FUZZ_GRAPHS ?= 20000
+FUZZ_SECONDS ?= 1800
+FUZZ_STAMP := $(VENV)/.fuzz-installed
+
+# The fixed-seed corpus: a few minutes on two cores.
+fuzz-ci: venv models
+	$(BIN)/python -m tests.fuzz --root $(FUZZ_ROOT)/ci cli --cases 300 --start 0
+	$(BIN)/python -m tests.fuzz --root $(FUZZ_ROOT)/ci diff --graphs 1000 --start 0
+
+$(FUZZ_STAMP): pyproject.toml | $(STAMP)
+	-$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fuzz]' && touch $(FUZZ_STAMP)
+
+# The long campaign: other seeds, every real model (minilm included), then coverage-guided
+# mutation with atheris for FUZZ_SECONDS (skipped, saying so, where atheris does not install).
+fuzz: venv models $(FUZZ_STAMP)
+	$(BIN)/python -m tests.fuzz --root $(FUZZ_ROOT)/long cli --cases $(FUZZ_CASES) --start 100000 \
+		--real ppocr-cls,silero-vad,ppocr-det,ppocr-rec,minilm
+	$(BIN)/python -m tests.fuzz --root $(FUZZ_ROOT)/long diff --graphs $(FUZZ_GRAPHS) --start 100000
+	$(BIN)/python -m tests.fuzz --root $(FUZZ_ROOT)/long atheris -- -max_total_time=$(FUZZ_SECONDS)
 
 # Benchmarks (not tests): they need the `bench` extra on top of `dev`. BENCH_ARGS=--quick
 # gives a smoke run where a benchmark supports it.
@@ -90,4 +118,4 @@ lint: venv
 
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache $(FUZZ_ROOT)

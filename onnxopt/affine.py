@@ -324,8 +324,9 @@ class AffineFolder:
         elif op == "Gemm":
             if bias is not None and (bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, channels))):
                 return "gemm_bias_shape"
-            if bias is None and kind == "add" and const_value(operand, load=False) is not None:
-                fold.bias = operand  # a constant operand is a valid C as it is
+            if bias is None and kind == "add" and isinstance(operand, gs.Constant) \
+                    and const_value(operand, load=False) is not None:
+                fold.bias = operand  # an initializer is a valid C as it is (a Constant node may come later)
             elif bias is not None or adds:
                 beta = float(layer.attrs.get("beta", 1.0))
                 c = 0.0 if bias is None else beta * bias.astype(np.float64) * a

@@ -33,6 +33,22 @@ def _providers(text: str) -> list[str]:
     return [p for p in text.split(",") if p.strip()]
 
 
+def _number(kind: type, low: float, high: float | None = None):
+    """An argparse type: ``kind`` within ``[low, high]`` (a bad value is a usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (value >= low and (high is None or value <= high)):  # NaN fails both
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineArgumentParser(prog="onnxopt", description="A graph-rewriting compiler for ONNX models; "
                 "every rewrite is checked against the original on onnxruntime.")
@@ -68,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--force", action="store_true", help="write the output even if validation fails")
     so.add_argument("--verify-each", action="store_true",
                     help="check the model after every pass; roll back a pass that breaks it")
-    so.add_argument("--max-rounds", type=int, default=None, help="bound on rounds of a fixed-point group (8)")
+    so.add_argument("--max-rounds", type=_number(int, 1), default=None, help="bound on rounds of a fixed-point group (8)")
     so.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                     help="store tensors in a .data file beside the model (auto: above 2 GB)")
     so.add_argument("--report", help="write the JSON report here")
@@ -132,12 +148,12 @@ def _feeds_args(sp: argparse.ArgumentParser) -> None:
                     help="fix a dynamic input shape, e.g. images=1x3x640x640 (repeatable)")
     sp.add_argument("--providers", type=_providers, default=["cpu"],
                     help="execution providers, comma-separated: cpu, cuda (default cpu)")
-    sp.add_argument("--rtol", type=float, default=None, help="relative tolerance for exact passes (1e-3)")
-    sp.add_argument("--atol", type=float, default=None, help="absolute tolerance for exact passes (1e-4)")
-    sp.add_argument("--min-cosine", type=float, default=None,
+    sp.add_argument("--rtol", type=_number(float, 0.0), default=None, help="relative tolerance for exact passes (1e-3)")
+    sp.add_argument("--atol", type=_number(float, 0.0), default=None, help="absolute tolerance for exact passes (1e-4)")
+    sp.add_argument("--min-cosine", type=_number(float, -1.0, 1.0), default=None,
                     help="fidelity bound for lossy passes (0.99); for 'validate' it selects the fidelity mode")
-    sp.add_argument("--runs", type=int, default=10, help="timed runs for latency (0: none)")
-    sp.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    sp.add_argument("--runs", type=_number(int, 0), default=10, help="timed runs for latency (0: none)")
+    sp.add_argument("--threads", type=_number(int, 0), default=None, help="onnxruntime intra-op threads")
 
 
 class _RichProgress:
@@ -447,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    args = None
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose
@@ -466,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxoptError as exc:
         if debug:
             raise
+        if exc.exit_code == EXIT_INTERNAL:
+            return _internal(args, exc)
         print(f"onnxopt: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -474,9 +493,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless --debug
         if debug:
             raise
-        print(f"onnxopt: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(args, exc)
+
+
+def _internal(args, exc: Exception) -> int:
+    """One line for a failure that is not the user's — unless an input model turns out
+    not to be valid ONNX, which makes it bad input after all (exit 2)."""
+    from .diagnose import why_invalid
+
+    what = _one_line(exc) if isinstance(exc, OnnxoptError) else f"{type(exc).__name__}: {_one_line(exc)}"
+    for name in ("model", "reference", "candidate"):
+        path = getattr(args, name, None)
+        reason = why_invalid(path) if path and Path(path).is_file() else ""
+        if reason:
+            print(f"onnxopt: error: {path}: not a valid ONNX model ({_one_line(Exception(reason))}); "
+                  f"on it, {what}"[:1000], file=sys.stderr)
+            return EXIT_USAGE
+    prefix = "error" if isinstance(exc, OnnxoptError) else "internal error"
+    print(f"onnxopt: {prefix}: {what} (run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _one_line(exc: BaseException) -> str:

@@ -34,11 +34,13 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_DIM",
     "DEFAULT_INT_HIGH",
+    "MAX_GENERATED_BYTES",
     "InputSpec",
     "input_specs",
     "parse_shape",
     "resolve_shapes",
     "random_feeds",
+    "random_array",
     "load_feeds",
     "check_feeds",
     "Calibration",
@@ -48,6 +50,9 @@ __all__ = [
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 64
 DEFAULT_INT_HIGH = 8
+#: Generated feeds larger than this (all inputs together) are refused: a model that
+#: declares a huge dimension gets a clear error instead of running out of memory.
+MAX_GENERATED_BYTES = 2**30
 
 
 @dataclass
@@ -168,24 +173,63 @@ def random_feeds(model: Model, shapes: Mapping[str, Iterable[int]] | None = None
                  seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
     """Deterministic random feeds matching the model's signature, and defaulting notes."""
     concrete, notes = resolve_shapes(model, shapes)
+    _check_generated_size(input_specs(model), concrete)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in input_specs(model):
-        shape = concrete[spec.name]
-        dt = spec.dtype
-        if dt == np.bool_:
-            arr = rng.random(shape) < 0.5
-        elif np.issubdtype(dt, np.integer):
-            high = _int_high(model, spec.name)
-            if np.issubdtype(dt, np.unsignedinteger):
-                high = min(high, int(np.iinfo(dt).max) + 1)
-            arr = rng.integers(0, max(high, 1), size=shape).astype(dt)
-        elif dt.kind == "O" or dt.kind in "SU":
-            arr = np.full(shape, "a", dtype=object)
-        else:
-            arr = rng.standard_normal(shape).astype(np.float32).astype(dt)
-        feeds[spec.name] = arr
+        high = _int_high(model, spec.name) if _integer_range(spec.dtype) else DEFAULT_INT_HIGH
+        feeds[spec.name] = random_array(rng, spec.dtype, concrete[spec.name], high)
     return feeds, notes
+
+
+def _check_generated_size(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse feeds that would not fit in memory, before allocating any of them."""
+    total = 0
+    for spec in specs:
+        count = 1
+        for d in shapes[spec.name]:
+            count *= int(d)
+        nbytes = count * max(spec.dtype.itemsize, 1)
+        total += nbytes
+        if total > MAX_GENERATED_BYTES:
+            dims = "x".join(map(str, shapes[spec.name]))
+            raise FeedError(f"generated feeds would take {total / 2**30:.3g} GiB (input '{spec.name}' is "
+                            f"{dims} {spec.dtype}); give smaller dimensions with --shape or feeds with --inputs")
+
+
+def _integer_range(dt: np.dtype) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer dtype, the 2- and 4-bit ones included; None otherwise."""
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return int(info.min), int(info.max)
+    if dt.kind == "V":  # ml_dtypes' int4/uint4/int2/uint2 (and its floats, which are not integers)
+        import ml_dtypes
+
+        try:
+            info = ml_dtypes.iinfo(dt)
+        except ValueError:
+            return None
+        return int(info.min), int(info.max)
+    return None
+
+
+def random_array(rng: np.random.Generator, dt: np.dtype, shape: tuple[int, ...],
+                 high: int = DEFAULT_INT_HIGH) -> np.ndarray:
+    """An array of dtype ``dt`` and shape ``shape`` (rank 0 included: always an
+    ``ndarray``, never a numpy scalar, which onnxruntime refuses): booleans half true,
+    integers in ``[0, high)`` (within the dtype's range), strings ``"a"``, anything else
+    standard-normal values converted from float32."""
+    shape = tuple(int(d) for d in shape)
+    dt = np.dtype(dt)
+    if dt == np.bool_:
+        arr = rng.random(shape) < 0.5
+    elif (bounds := _integer_range(dt)) is not None:
+        arr = rng.integers(0, max(1, min(high, bounds[1] + 1)), size=shape)
+    elif dt.kind in "OSU":
+        return np.full(shape, "a", dtype=object)
+    else:
+        arr = rng.standard_normal(shape).astype(np.float32)
+    return np.asarray(arr).astype(dt).reshape(shape)
 
 
 def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], *, what: str = "feeds",

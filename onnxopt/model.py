@@ -49,6 +49,7 @@ from .graph_extras import (
 from .model_files import (
     ExternalValues,
     check_external_data,
+    check_text,
     external_info,
     inline_external_data,
     parse_model_bytes,
@@ -169,6 +170,7 @@ class Model:
         else:
             raise TypeError(f"cannot load a model from {type(source).__name__}")
         base = str(Path(base_dir).resolve()) if base_dir is not None else None
+        check_text(proto, source_path or "<model>")
         check_external_data(proto, base, source_path or "<model>")
         return cls.from_proto(proto, base_dir=base, source_path=source_path)
 

@@ -32,6 +32,7 @@ __all__ = [
     "ExternalValues",
     "all_tensor_protos",
     "check_external_data",
+    "check_text",
     "external_info",
     "inline_external_data",
     "parse_model_bytes",
@@ -136,6 +137,111 @@ def all_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield from from_attrs(node.attribute)
 
 
+# Attribute types whose payload may hold text fields (AttributeProto.AttributeType).
+_ATTR_GRAPH, _ATTR_GRAPHS, _ATTR_TENSOR, _ATTR_TENSORS = 5, 10, 4, 9
+
+
+def check_text(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse a model whose names or other text fields are not valid UTF-8
+    (:class:`ModelLoadError`, naming the first such field).
+
+    protobuf parses such a field without complaint and hands it over as ``bytes``; every
+    later step that treats the name as text (a pass, the report, writing the model back)
+    would then fail far from the cause. The walk joins each node's names in one call and
+    never touches tensor data, so it costs a few microseconds per node.
+    """
+    try:
+        _text_of_model(proto)
+    except TypeError:
+        path = _first_bytes_field(proto, "model")
+        raise ModelLoadError(f"{where}: not a valid ONNX model: {path or 'a text field'} "
+                             "is not valid UTF-8") from None
+
+
+def _text_of_model(m: onnx.ModelProto) -> None:
+    join = "".join
+    join((m.producer_name, m.producer_version, m.domain, m.doc_string))
+    join([o.domain for o in m.opset_import])
+    for p in m.metadata_props:
+        join((p.key, p.value))
+    _text_of_graph(m.graph)
+    for f in m.functions:
+        _text_generic(f)
+    for t in m.training_info:
+        _text_generic(t)
+
+
+def _text_of_graph(g: onnx.GraphProto) -> None:
+    join = "".join
+    join((g.name, g.doc_string))
+    for n in g.node:
+        join(n.input)
+        join(n.output)
+        join((n.op_type, n.domain, n.name, n.doc_string, n.overload))
+        for p in n.metadata_props:
+            join((p.key, p.value))
+        for a in n.attribute:
+            join((a.name, a.ref_attr_name, a.doc_string))
+            kind = a.type
+            if kind == _ATTR_GRAPH:
+                _text_of_graph(a.g)
+            elif kind == _ATTR_GRAPHS:
+                for sub in a.graphs:
+                    _text_of_graph(sub)
+            elif kind == _ATTR_TENSOR:
+                _text_of_tensor(a.t)
+            elif kind == _ATTR_TENSORS:
+                for t in a.tensors:
+                    _text_of_tensor(t)
+            elif kind > _ATTR_GRAPHS:  # sparse tensors, type protos
+                _text_generic(a)
+    for t in g.initializer:
+        _text_of_tensor(t)
+    for sp in g.sparse_initializer:
+        _text_of_tensor(sp.values)
+        _text_of_tensor(sp.indices)
+    for values in (g.input, g.output, g.value_info, g.quantization_annotation):
+        for v in values:
+            _text_generic(v)
+    for p in g.metadata_props:
+        join((p.key, p.value))
+
+
+def _text_of_tensor(t: onnx.TensorProto) -> None:
+    "".join((t.name, t.doc_string))
+    for e in t.external_data:
+        "".join((e.key, e.value))
+
+
+def _text_generic(msg) -> None:
+    """Every string field of a small message (value infos, functions), by reflection."""
+    for fd, value in msg.ListFields():
+        if fd.type == fd.TYPE_STRING:
+            "".join(value if fd.is_repeated else (value,))
+        elif fd.type == fd.TYPE_MESSAGE:
+            for v in (value if fd.is_repeated else (value,)):
+                if isinstance(v, onnx.TensorProto):
+                    _text_of_tensor(v)
+                else:
+                    _text_generic(v)
+
+
+def _first_bytes_field(msg, path: str) -> str | None:
+    """The path of the first text field of ``msg`` that protobuf returned as bytes (slow;
+    only run once the fast walk found one)."""
+    for fd, value in msg.ListFields():
+        items = list(value) if fd.is_repeated else [value]
+        for i, v in enumerate(items):
+            here = f"{path}.{fd.name}" + (f"[{i}]" if fd.is_repeated else "")
+            if fd.type == fd.TYPE_STRING and isinstance(v, bytes):
+                return f"{here} ({v[:40]!r})"
+            if fd.type == fd.TYPE_MESSAGE:
+                found = _first_bytes_field(v, here)
+                if found:
+                    return found
+    return None
+
+
 def check_external_data(proto: onnx.ModelProto, base_dir: str | None, where: str) -> None:
     """Refuse external data that is unsafe or unreadable before anything reads it: a
     location that is absolute or leaves ``base_dir`` (:class:`UnsafePathError`), a missing
@@ -151,6 +257,8 @@ def check_external_data(proto: onnx.ModelProto, base_dir: str | None, where: str
         if base_dir is None:
             raise ModelLoadError(
                 f"{where}: tensor '{tensor.name}' has external data but the model's folder is unknown")
+        if "\0" in location:
+            raise ModelLoadError(f"{where}: external data location of tensor '{tensor.name}' holds a NUL byte")
         if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
             raise UnsafePathError(
                 f"{where}: external data location '{location}' of tensor '{tensor.name}' is absolute")

@@ -103,6 +103,8 @@ def prune_unused(model: Model, tensors: Iterable[gs.Tensor],
         nested = [p]
         while nested:
             n = nested.pop()
+            if id(n) in dead:  # a body that died on its own before its holder did
+                continue
             dead.add(id(n))
             for x in n.inputs:
                 if x.name:

@@ -22,6 +22,7 @@ it raises :class:`ProviderUnavailable`; there is no silent fallback to the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -58,6 +59,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_MIN_COSINE = 0.99
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceFailed(UsageError):
@@ -99,7 +102,9 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
     ``extended`` or ``all``; ``optimized_path`` saves onnxruntime's optimized graph.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # onnxruntime logs a failing kernel in colour on stderr, before our one-line error
+    # says the same: its own log is for --debug (our logger at DEBUG) only.
+    opts.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
     opts.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -113,6 +118,7 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
         opts.optimized_model_filepath = optimized_path
     providers = [PROVIDERS[provider]]
     if isinstance(model, Model):
+        model = _without_trailing_empty_inputs(model)
         if model.has_external_data() or model.tensor_bytes() > EXTERNAL_DATA_THRESHOLD:
             folder = workdir or tempfile.mkdtemp(prefix="onnxopt-")
             path = os.path.join(folder, "model.onnx")
@@ -126,6 +132,25 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
     if provider == "cuda" and sess.get_providers()[0] != PROVIDERS["cuda"]:
         raise ProviderUnavailable("provider 'cuda' could not be initialised (no usable CUDA device)")
     return sess
+
+
+def _without_trailing_empty_inputs(model: Model) -> Model:
+    """``model``, or a copy whose nodes do not end their inputs with an omitted optional
+    one (``""``). The two are the same model in ONNX; onnxruntime's graph optimizer
+    crashes the process on some such nodes (a LayerNormalization whose bias is ``""``)."""
+    from .model import iter_graphs
+
+    def trailing(node: gs.Node) -> bool:
+        return bool(node.inputs) and not node.inputs[-1].name
+
+    if not any(trailing(n) for g in iter_graphs(model.graph) for n in g.nodes):
+        return model
+    model = model.copy()
+    for g in iter_graphs(model.graph):
+        for node in g.nodes:
+            while trailing(node):
+                node.inputs.pop()
+    return model
 
 
 def run_model(model: Model | ort.InferenceSession, feeds: Mapping[str, np.ndarray],

@@ -287,6 +287,8 @@ def _matmul_add(state: _State, g: gs.Graph, add: gs.Node) -> bool:
     if _feeds_gelu(add.outputs[0]):
         raise _Skip("bias_gelu")
     c_tensor = _other(add, y)
+    if not isinstance(c_tensor, gs.Constant):  # a Constant node's output, maybe placed after the MatMul
+        c_tensor = gs.Constant(state.name(c_tensor.name), values=c)
     _set_op(mm, "Gemm")
     state.edits.rewire(mm, [a, b, c_tensor])
     state.edits.take_output(mm, add)

@@ -512,6 +512,9 @@ def _apply(model: Model, decisions: list[_Decision]) -> None:
         targets.append((graph, graph.nodes[d.path[-1]], d.key))
     names = NameAllocator(model)
     for graph, node, key in reversed(targets):
+        live = {id(g) for g in iter_graphs(model.graph)}
+        if id(graph) not in live or not any(n is node for n in graph.nodes):
+            continue  # an If inlined before left this one unread: it was pruned with its graph
         _inline(model, graph, node, key, names)
 
 

@@ -49,6 +49,23 @@ def _external_with_location(folder, location):
     return path
 
 
+def _bad_utf8(folder, field: str = "output"):
+    """A model whose text ``field`` holds bytes that are not UTF-8 (protobuf parses it
+    and hands the field over as bytes)."""
+    w = numpy_helper.from_array(np.ones((2,), np.float32), "wQQQ")
+    nodes = [helper.make_node("Add", ["x", "wQQQ"], ["yQQQ"]), helper.make_node("Relu", ["yQQQ"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(proto, {"authorQQQ": "x"})
+    marker = {"output": b"yQQQ", "initializer": b"wQQQ", "metadata": b"authorQQQ"}[field]
+    data = proto.SerializeToString()
+    assert data.count(marker) >= 1
+    path = folder / f"utf8-{field}.onnx"
+    path.write_bytes(data.replace(marker, marker[:-3] + b"\xff\xfe\x80"))
+    return path
+
+
 class _Breaker(Pass):
     name = "test-cli-breaker"
     summary = "claims exact, changes the outputs (tests only)"
@@ -57,6 +74,22 @@ class _Breaker(Pass):
     def run(self, model, ctx):
         next(n for n in model.graph.nodes if n.op == "Relu").op = "Sigmoid"
         return PassResult(True)
+
+
+class _Crasher(Pass):
+    name = "test-cli-crasher"
+    summary = "raises on every model (tests only)"
+    options = {}
+
+    def run(self, model, ctx):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def crasher():
+    register(_Crasher)
+    yield
+    framework._PASSES.pop(_Crasher.name, None)
 
 
 @pytest.fixture
@@ -81,6 +114,7 @@ def _error_cases(tmp_path, model_path):
     up_dir.mkdir(parents=True)
     (tmp_path / "up" / "w.bin").write_bytes(b"\0" * 1024)
     upward = _external_with_location(up_dir, "../w.bin")
+    nul = _external_with_location(tmp_path / "up", "w.bin\0x")
     link_dir = tmp_path / "link"
     link_dir.mkdir()
     linked = _external_with_location(link_dir, "w.bin")
@@ -94,13 +128,16 @@ def _error_cases(tmp_path, model_path):
     np.savez(feeds_shape, input=np.zeros((1, 3, 8, 16), np.float32))
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=np.zeros((4, 5, 16, 16), np.float32))
+    bad_utf8 = _bad_utf8(tmp_path)
     m = model_path
     cases = [
         ("not-onnx", ["optimize", not_onnx, "-o", out], 2, "not an ONNX model", not_onnx),
         ("truncated", ["optimize", truncated, "-o", out], 2, "not an ONNX model or truncated", truncated),
         ("missing", ["optimize", tmp_path / "nope.onnx", "-o", out], 2, "no such file", None),
+        ("bad-utf8", ["optimize", bad_utf8, "-o", out], 2, "is not valid UTF-8", bad_utf8),
         ("ext-absolute", ["optimize", absolute, "-o", out], 2, "is absolute", absolute),
         ("ext-upward", ["optimize", upward, "-o", out], 2, "leaves the model's folder", upward),
+        ("ext-nul", ["optimize", nul, "-o", out], 2, "holds a NUL byte", nul),
         ("ext-symlink", ["optimize", linked, "-o", out], 2, "leaves the model's folder", linked),
         ("unknown-pass", ["optimize", m, "-o", out, "-p", "fold-everything"], 2,
          "unknown pass 'fold-everything'; valid passes: ", m),
@@ -116,6 +153,11 @@ def _error_cases(tmp_path, model_path):
         ("proc-output", ["optimize", m, "-o", "/proc/onnxopt-out.onnx"], 2, "cannot write", m),
         ("same-as-input", ["optimize", m, "-o", m], 2, "is the input model", m),
         ("bad-flag", ["optimize", m, "-o", out, "--frobnicate"], 2, "unrecognized arguments", m),
+        ("max-rounds", ["optimize", m, "-o", out, "--max-rounds", "-1"], 2, "must be at least 1", m),
+        ("min-cosine", ["optimize", m, "-o", out, "--min-cosine", "nan"], 2, "must be between -1.0 and 1.0", m),
+        ("runs", ["optimize", m, "-o", out, "--runs", "x"], 2, "invalid int value: 'x'", m),
+        ("threads", ["optimize", m, "-o", out, "--threads", "-2"], 2, "must be at least 0", m),
+        ("atol", ["optimize", m, "-o", out, "--atol=-1e-3"], 2, "must be at least 0.0", m),
     ]
     if "cuda" not in available_providers():
         cases.append(("no-cuda", ["optimize", m, "-o", out, "--providers", "cpu,cuda"], 2,
@@ -137,6 +179,34 @@ def test_every_user_error_is_one_line_with_its_exit_code(tmp_path, model_path, c
         assert not list(out.parent.glob(".out.onnx*")), f"{name}: a temporary file was left"
         if before is not None:
             assert source.read_bytes() == before, f"{name}: the input changed"
+
+
+@pytest.mark.parametrize("field", ["output", "initializer", "metadata"])
+@pytest.mark.parametrize("command", ["optimize", "inspect"])
+def test_text_that_is_not_utf8_is_bad_input(tmp_path, capsys, field, command):
+    path = _bad_utf8(tmp_path, field)
+    argv = [command, path] + (["-o", tmp_path / "out.onnx"] if command == "optimize" else [])
+    code, stdout, stderr = _run(capsys, *argv)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is not valid UTF-8" in lines[0], stderr
+    assert "internal error" not in stderr and not (tmp_path / "out.onnx").exists()
+
+
+def test_a_pass_that_raises_is_exit_3_on_a_valid_model_and_2_on_an_invalid_one(tmp_path, capsys, crasher):
+    valid = tmp_path / "valid.onnx"
+    onnx.save(builders.mlp(), valid)
+    code, _, err = _run(capsys, "optimize", valid, "-o", tmp_path / "out.onnx", "-p", "test-cli-crasher", "-q")
+    assert code == 3 and err.strip().splitlines() == [
+        "onnxopt: error: pass 'test-cli-crasher' failed: boom (run with --debug for the traceback)"]
+    proto = builders.mlp()
+    proto.graph.node.insert(0, helper.make_node("Transpose", [], ["t"]))  # no input: onnx.checker refuses
+    invalid = tmp_path / "invalid.onnx"
+    invalid.write_bytes(proto.SerializeToString())
+    code, _, err = _run(capsys, "optimize", invalid, "-o", tmp_path / "out.onnx", "-p", "test-cli-crasher", "-q")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not (tmp_path / "out.onnx").exists()
+    assert lines[0].startswith(f"onnxopt: error: {invalid}: not a valid ONNX model (onnx.checker: ")
+    assert "Transpose" in lines[0] and lines[0].endswith("on it, pass 'test-cli-crasher' failed: boom")
 
 
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path, model_path, capsys, breaker):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper
 
 from models import builders
 from onnxopt import Model
@@ -17,6 +19,7 @@ from onnxopt.data import (
     resolve_shapes,
 )
 from onnxopt.errors import CalibrationError, FeedError, UsageError
+from onnxopt.validate import validate
 from tests.helpers import parse
 
 
@@ -70,6 +73,59 @@ def test_generated_feeds_are_deterministic_and_typed():
     assert a["mask"].dtype == np.bool_ and a["h"].dtype == np.float16
     assert a["ids"].shape == (1, DEFAULT_DIM)
     assert len(notes) == 2  # B and T once each; other uses follow the same symbol
+
+
+ALL_DTYPES = sorted(onnx.helper.get_all_tensor_dtypes())
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_generated_feeds_are_arrays_of_every_dtype_and_rank(rank):
+    """A rank-0 input (an If condition fed from outside) is a 0-d array, never a numpy
+    scalar: onnxruntime refuses scalars ("Unable to handle object of type numpy.bool")."""
+    shape = [2] * rank
+    inputs = [helper.make_tensor_value_info(f"x{t}", t, shape) for t in ALL_DTYPES]
+    nodes = [helper.make_node("Identity", [f"x{t}"], [f"y{t}"]) for t in ALL_DTYPES]
+    outputs = [helper.make_tensor_value_info(f"y{t}", t, shape) for t in ALL_DTYPES]
+    proto = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    feeds, _ = random_feeds(Model.from_proto(proto))
+    for t in ALL_DTYPES:
+        arr = feeds[f"x{t}"]
+        want = np.dtype(helper.tensor_dtype_to_np_dtype(t))
+        assert type(arr) is np.ndarray and arr.dtype == want and arr.shape == (2,) * rank, (t, arr)
+    assert feeds[f"x{onnx.TensorProto.INT4}"].astype(np.int8).max() <= 7
+    assert feeds[f"x{onnx.TensorProto.UINT2}"].astype(np.int8).max() <= 3
+    check_feeds(Model.from_proto(proto), feeds)
+
+
+def test_rank0_bool_condition_validates_with_generated_feeds():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (bool c, float[3] x) => (float[3] y) {
+            y = If(c) <then_branch = t () => (float[3] a) { a = Relu(x) },
+                       else_branch = e () => (float[3] b) { b = Neg(x) }>
+        }
+    """)
+    feeds, _ = random_feeds(model)
+    assert type(feeds["c"]) is np.ndarray and feeds["c"].shape == () and feeds["c"].dtype == np.bool_
+    assert validate(model, model.copy(), runs=0).passed
+
+
+def test_generated_feeds_too_large_for_memory_are_refused_before_allocating():
+    fixed = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2147483648, 4] x) => (float[2147483648, 4] y) { y = Relu(x) }
+    """)
+    with pytest.raises(FeedError, match=r"would take 32 GiB \(input 'x' is 2147483648x4 float32\)"):
+        random_feeds(fixed)
+    dynamic = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (uint8[N] u, float[M] v) => (uint8[N] y) { y = Identity(u) }
+    """)
+    with pytest.raises(FeedError, match="give smaller dimensions with --shape"):
+        random_feeds(dynamic, {"u": (2**30,), "v": (1024,)})
+    feeds, _ = random_feeds(dynamic, {"u": (2**20,)})
+    assert feeds["u"].shape == (2**20,)
 
 
 def test_load_feeds_npz_and_npy(tmp_path, cnn):

@@ -102,3 +102,27 @@ def test_edits_rewire_remove_and_commit_in_one_sweep():
     assert edits.commit(model) == (0, 1)  # c is read by nothing now
     assert [t.name for t in extras(model.graph).initializers] == ["d"]
     onnx.checker.check_model(model.to_proto())
+
+
+def test_prune_counts_each_reader_once_when_a_body_dies_before_its_holder():
+    """The inner If dies first (nothing reads it); when the outer If dies, its bodies'
+    nodes — the inner If's among them — must not be counted as readers lost twice."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x, bool c) => (float[2] y) {
+            a = Add(x, x)
+            y = Relu(a)
+            o = If(c) <then_branch = t () => (float[2] t_out) {
+                    inner = If(c) <then_branch = t2 () => (float[2] p) { p = Neg(a) },
+                                   else_branch = e2 () => (float[2] q) { q = Tanh(a) }>
+                    t_out = Neg(x)
+                }, else_branch = e () => (float[2] e_out) { e_out = Neg(x) }>
+            r = Identity(o)
+        }
+    """)
+    outer, identity = model.graph.nodes[2], model.graph.nodes[3]
+    inner = outer.attrs["then_branch"].nodes[0]
+    read = drop_nodes(model, {id(identity)})
+    removed, _ = prune_unused(model, read + [inner.outputs[0]])  # the inner If is looked at first
+    assert removed == 6 and ops(model) == ["Add", "Relu"]  # both Ifs, their four body nodes
+    onnx.checker.check_model(model.to_proto())

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
+import onnx
+import onnx.parser
 import pytest
 
 from models import builders
@@ -99,3 +104,40 @@ def test_validate_on_cuda():
     ref = Model.from_proto(builders.cnn())
     v = validate(ref, ref.copy(), providers=["cpu", "cuda"], runs=2)
     assert [p.provider for p in v.providers] == ["cpu", "cuda"] and v.passed
+
+
+def test_a_failing_reference_is_one_line_and_onnxruntime_logs_only_with_debug(tmp_path):
+    """onnxruntime logs a kernel that fails (in colour, several lines) before our error
+    says the same in one line: its log reaches stderr only under --debug."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[N, M] x) => (float[3, 5] y) { s = Constant<value = int64[2] {3, 5}>()  y = Reshape(x, s) }
+    """)
+    path = tmp_path / "reshape.onnx"
+    onnx.save(proto, path)
+    argv = [sys.executable, "-m", "onnxopt.cli", "optimize", str(path), "-o", str(tmp_path / "out.onnx"), "-q"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxopt: error: the reference model does not run"), lines
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
+    assert "[E:onnxruntime" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_a_node_ending_with_an_omitted_optional_input_does_not_crash_validation(tmp_path):
+    """Found by fuzzing: onnxruntime's graph optimizer crashed the process (SIGSEGV) on a
+    LayerNormalization whose bias is given as "" — a valid model; sessions get the same
+    model without the trailing empty input."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4,5] x, float[5] w) => (float[2,3,4,5] y) { y = LayerNormalization<axis = -1>(x, w, "") }
+    """)
+    path = tmp_path / "ln.onnx"
+    onnx.save(proto, path)
+    argv = [sys.executable, "-m", "onnxopt.cli", "optimize", str(path), "-o", str(tmp_path / "out.onnx"), "-q"]
+    proc = subprocess.run(argv, capture_output=True, text=True)  # a crash would take pytest down with it
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert list(onnx.load(tmp_path / "out.onnx").graph.node[0].input) == ["x", "w", ""]  # the output keeps it
+    model = Model.from_proto(proto)
+    assert validate(model, model, runs=0).passed
+    assert model.graph.nodes[0].inputs[-1].name == ""  # the model validated is left alone

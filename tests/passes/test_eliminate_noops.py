@@ -187,3 +187,25 @@ def test_light_models(path):
     assert io_signature(ran.model) == io_signature(model)
     if dropouts:
         assert_same_outputs(model, ran.model, rtol=1e-3, atol=1e-4)
+
+
+def test_a_dead_if_holding_an_if_that_died_first_keeps_what_the_graph_still_reads():
+    """Found by differential fuzzing: removing the Cast pair killed the inner If, then
+    the Identity the outer If, whose pruning counted the inner body's reads of ``a`` a
+    second time — and removed ``a``'s producer, which Relu still reads."""
+    model = parse(f"""{HEAD}
+        g (float[2] x, bool c) => (float[2] y) {{
+            a = Add(x, x)
+            y = Relu(a)
+            o = If(c) <then_branch = t () => (float[2] t_out) {{
+                    inner = If(c) <then_branch = t2 () => (float[2] p) {{ p = Neg(a) }},
+                                   else_branch = e2 () => (float[2] q) {{ q = Tanh(a) }}>
+                    d = Cast<to = 11>(inner)
+                    f = Cast<to = 1>(d)
+                    t_out = Neg(x)
+                }}, else_branch = e () => (float[2] e_out) {{ e_out = Neg(x) }}>
+            r = Identity(o)
+        }}""")
+    ran = run_pass("eliminate-noops", model)
+    assert ran.stats["removed"] == 2 and ops(ran.model) == ["Add", "Relu"]
+    assert_same_outputs(model, ran.model, {"x": _x(2), "c": np.array(True)})

@@ -565,3 +565,19 @@ def test_silero_vad_is_left_alone():
     ran = run_pass("fold-batchnorm", model)
     assert not ran.modified  # its Conv layers feed Relu, not an affine node
     assert ran.model.to_bytes() == model.to_bytes()
+
+
+def test_an_add_after_gemm_whose_constant_node_comes_later_becomes_a_new_c():
+    """Found by differential fuzzing: the Gemm took the Add's operand as its C as it was,
+    but that operand was a Constant node placed after the Gemm (an unsorted graph)."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2,4] x) => (float[2,2] y) <float[2,4] w = {1, 2, 3, 4, -1, 0.5, 0, 2}> {
+            g = Gemm<transB = 1, alpha = 0.5>(x, w)
+            c = Constant<value = float[2] {-0.1, 0.7}>()
+            y = Add(g, c)
+        }
+    """)
+    ran = run_pass("fold-batchnorm", model)  # run_pass checks the result with onnx.checker
+    assert ran.modified and ops(ran.model) == ["Gemm"] and len(ran.model.graph.nodes[0].inputs) == 3
+    assert_same_outputs(model, ran.model, {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})

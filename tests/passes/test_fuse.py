@@ -373,3 +373,43 @@ def test_custom_domain_nodes_are_not_fused():
     ran = run_pass("fuse", model)
     assert not ran.modified and ops(ran.model) == ["MatMul", "Add"]
     assert ran.model.graph.nodes[0].domain == "com.vendor"
+
+
+@pytest.mark.parametrize("where", ["main", "body"])
+def test_matmul_add_with_a_bias_constant_node_after_the_matmul_stays_sorted(where):
+    """Found by differential fuzzing: the Gemm took the MatMul's place and read the bias
+    from a Constant node placed after it — a model onnx.checker and onnxruntime refuse."""
+    nodes = """w = Constant<value = float[3,2] {1, 2, 3, 4, 5, 6}>()
+               m = MatMul(x, w)
+               b = Constant<value = float[2] {0.5, -1}>()
+               OUT = Add(m, b)"""
+    if where == "main":
+        text = f"g (float[2,3] x) => (float[2,2] y) {{ {nodes.replace('OUT', 'y')} }}"
+    else:
+        text = f"""g (float[2,3] x, bool c) => (float[2,2] y) {{
+            y = If(c) <then_branch = t () => (float[2,2] o) {{ {nodes.replace('OUT', 'o')} }},
+                       else_branch = e () => (float[2,2] p) {{ p = Constant<value = float[2,2] {{0, 0, 0, 0}}>() }}>
+        }}"""
+    model = parse('<ir_version: 9, opset_import: ["" : 18]>\n' + text)
+    ran = run_pass("fuse", model)  # run_pass checks the result with onnx.checker
+    assert ran.stats["fused_matmul_add"] == 1
+    body = ran.model.graph if where == "main" else ran.model.graph.nodes[0].attrs["then_branch"]
+    assert [n.op for n in body.nodes] == ["Constant", "Gemm"]
+    feeds = {"x": _x(2, 3)} if where == "main" else {"x": _x(2, 3), "c": np.array(True)}
+    _check(model, ran, feeds)
+
+
+def test_gemm_add_with_a_bias_constant_node_after_the_gemm_stays_sorted():
+    """Found by differential fuzzing: the Add's operand, a Constant node placed after the
+    Gemm, became the Gemm's C as it was (an unsorted graph)."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2,4] x) => (float[2,3] y) <float[3,4] w = {1, 2, 3, 4, -1, 0.5, 0, 2, 1, 1, 1, 1}> {
+            g = Gemm<transB = 1>(x, w)
+            c = Constant<value = float[3] {-0.1, 0.7, 2}>()
+            y = Add(g, c)
+        }
+    """)
+    ran = run_pass("fuse", model)  # run_pass checks the result with onnx.checker
+    assert ran.stats["fused_gemm_add"] == 1 and ops(ran.model) == ["Gemm"]
+    _check(model, ran, {"x": _x(2, 4)})

@@ -312,3 +312,23 @@ def test_silero_vad_inlines_its_lstm_branch_and_shrinks(rate):
     for a, b in zip(ref.run(None, feeds), sess.run(None, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
+
+
+def test_an_if_that_inlining_another_left_unread_is_skipped_not_an_error():
+    """Found by differential fuzzing: inlining the second If (its else branch) left the
+    first unread; pruning removed it, and inlining it next raised StopIteration."""
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] y) {
+            c1 = Constant<value = bool {1}>()
+            a = If(c1) <then_branch = t1 () => (float[2] p) { p = Relu(x) },
+                        else_branch = e1 () => (float[2] q) { q = Neg(x) }>
+            c2 = Constant<value = bool {0}>()
+            y = If(c2) <then_branch = t2 () => (float[2] r) { r = Tanh(a) },
+                        else_branch = e2 () => (float[2] s) { s = Sigmoid(x) }>
+        }
+    """)
+    ran = run_pass("inline-if", model)
+    assert ran.modified and _all_ops(ran.model) == ["Sigmoid"]
+    assert io_signature(ran.model) == io_signature(model)
+    assert_same_outputs(model, ran.model, {"x": np.array([-1.0, 2.0], F32)})
