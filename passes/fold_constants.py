@@ -49,7 +49,6 @@ from functools import cached_property
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
@@ -552,12 +551,21 @@ class _Evaluator:
     def __init__(self, model: Model):
         self.opsets = [helper.make_opsetid(d, v) for d, v in sorted(model.opset_imports.items())]
         self.ir_version = max(model.ir_version, 7)
-        self.sessions: dict[bytes, ort.InferenceSession | None] = {}
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.options.intra_op_num_threads = 1
-        self.options.inter_op_num_threads = 1
-        self.options.log_severity_level = 4
+        self.sessions: dict[bytes, object | None] = {}
+        self._options = None
+
+    @property
+    def options(self):
+        """Session options, made (and onnxruntime imported) at the first session."""
+        if self._options is None:
+            import onnxruntime as ort
+
+            self._options = ort.SessionOptions()
+            self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self._options.intra_op_num_threads = 1
+            self._options.inter_op_num_threads = 1
+            self._options.log_severity_level = 4
+        return self._options
 
     def run(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
         in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
@@ -577,6 +585,8 @@ class _Evaluator:
             raise _Unsupported(f"cannot express the node: {exc}") from exc
         session = self.sessions.get(key, False)
         if session is False:
+            import onnxruntime as ort
+
             try:
                 session = ort.InferenceSession(key, sess_options=self.options,
                                                providers=["CPUExecutionProvider"])
