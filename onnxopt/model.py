@@ -5,8 +5,12 @@ opset imports, IR version, producer, metadata, local functions, training info, n
 strings and metadata, the exact attribute types, initializers that nobody uses yet,
 initializers that are also graph inputs (IR < 4), value_info — is kept here or on the
 graph objects, so that ``Model.load(p).save(q)`` loses nothing. Weight data stays lazy:
-a tensor that no pass reads is never loaded, and external data is copied file-to-file on
-save.
+a tensor that no pass reads is never decoded, and external data is copied file-to-file
+on save.
+
+A weight is held in memory once: loading a file takes the bytes of its large tensors out
+of the parsed proto (see :mod:`onnxopt.model_files`), a copy of the model shares them,
+and a save streams them to the file instead of assembling the serialized model first.
 
 Saving is atomic (temporary files in the target folder, then rename) and deterministic
 (the same model and options give the same bytes). Models whose tensors pass 2 GB are
@@ -52,11 +56,12 @@ from .model_files import (
     external_info,
     inline_external_data,
     parse_model_bytes,
+    spliced_chunks,
     temp_file_beside,
     write_external_data,
 )
 from .model_files import temp_file_beside as _tmp_name  # noqa: F401  (onnxopt.report imports this name)
-from .proto_convert import graph_from_proto, graph_to_proto, norm_domain
+from .proto_convert import graph_from_proto, graph_to_proto, hold_apart, norm_domain
 
 __all__ = [
     "Model",
@@ -148,6 +153,7 @@ class Model:
         raises :class:`UnsafePathError` / :class:`ModelLoadError`.
         """
         source_path = None
+        owned = not isinstance(source, onnx.ModelProto)  # a caller's proto is never modified
         if isinstance(source, onnx.ModelProto):
             proto = source
         elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -163,6 +169,7 @@ class Model:
             except OSError as exc:
                 raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from exc
             proto = parse_model_bytes(data, str(path))
+            del data  # the proto holds its own copy
             source_path = str(path.resolve())
             if base_dir is None:
                 base_dir = str(path.resolve().parent)
@@ -170,18 +177,23 @@ class Model:
             raise TypeError(f"cannot load a model from {type(source).__name__}")
         base = str(Path(base_dir).resolve()) if base_dir is not None else None
         check_external_data(proto, base, source_path or "<model>")
-        return cls.from_proto(proto, base_dir=base, source_path=source_path)
+        held = None
+        if owned:
+            proto, held = _hold_apart(proto)
+        return cls.from_proto(proto, base_dir=base, source_path=source_path, held=held)
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, *, base_dir: str | None = None,
-                   source_path: str | None = None) -> Model:
+                   source_path: str | None = None, held: list | None = None) -> Model:
+        """The model of ``proto``, whose tensors the model reads lazily (keep it unchanged).
+        ``held`` is for protos of this module's own making (see :mod:`onnxopt.model_files`)."""
         if not proto.HasField("graph"):
             raise ModelLoadError(f"{source_path or '<model>'}: not an ONNX model (no graph)")
         opsets: dict[str, int] = {}
         for op in proto.opset_import:
             opsets[norm_domain(op.domain)] = op.version
         with gc_paused():
-            graph = graph_from_proto(proto.graph, base_dir)
+            graph = graph_from_proto(proto.graph, base_dir, held)
         graph.opset = opsets.get("", graph.opset)
         graph.ir_version = proto.ir_version
         return cls(
@@ -204,18 +216,25 @@ class Model:
 
     # ---- exporting -------------------------------------------------------------------
 
-    def to_proto(self) -> onnx.ModelProto:
+    def to_proto(self, *, large_weights_as_inputs: int | None = None) -> onnx.ModelProto:
         """The model as a ``ModelProto``. Tensors still in external files stay external
-        (their locations are relative to :attr:`base_dir`)."""
-        with gc_paused():
-            graph_proto, domains = graph_to_proto(self.graph)
+        (their locations are relative to :attr:`base_dir`).
+
+        ``large_weights_as_inputs``: initializers of more bytes than this are written as
+        graph inputs of their type and shape, without their data — what an analysis such
+        as shape inference needs, without copying the weights."""
+        return self._to_proto(None, large_weights_as_inputs)
+
+    def _to_proto(self, held: list | None, inputs_above: int | None = None) -> onnx.ModelProto:
+        """:meth:`to_proto`; with ``held``, large tensors are markers appended to it."""
         proto = onnx.ModelProto()
         proto.ir_version = self.ir_version
         for name in _MODEL_FIELDS:
             value = getattr(self, name)
             if value or name in self.present_fields:
                 setattr(proto, name, value)
-        proto.graph.CopyFrom(graph_proto)
+        with gc_paused():
+            _, domains = graph_to_proto(self.graph, proto.graph, held=held, inputs_above=inputs_above)
         used = domains | {norm_domain(f.domain) for f in self.functions}
         opsets = dict(self.opset_imports)
         for domain in sorted(used - set(opsets)):
@@ -232,12 +251,16 @@ class Model:
     def to_bytes(self) -> bytes:
         """Serialized model, deterministic. External tensors must be inline for this to
         be loadable on its own: see :meth:`has_external_data`."""
-        return self.to_proto().SerializeToString(deterministic=True)
+        held: list = []
+        chunks, _ = spliced_chunks(self._to_proto(held).SerializeToString(deterministic=True), held)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def copy(self) -> Model:
-        """An independent copy (a snapshot: passes on one do not affect the other)."""
-        return Model.from_proto(self.to_proto(), base_dir=self.base_dir,
-                                source_path=self.source_path)
+        """An independent copy (a snapshot: passes on one do not affect the other). Weight
+        bytes that neither can change are shared, not copied."""
+        held: list = []
+        return Model.from_proto(self._to_proto(held), base_dir=self.base_dir,
+                                source_path=self.source_path, held=held)
 
     def constants(self) -> Iterator[gs.Constant]:
         """Every constant tensor once: initializers (subgraphs too) and Constant-node values."""
@@ -296,22 +319,25 @@ class Model:
             if data_target in self._source_data_files():
                 raise ModelSaveError(f"{location}: is the input model's external data; "
                                      "write the output elsewhere")
-        proto = self.to_proto()
+        held: list = []
+        proto = self._to_proto(held)
         tmp_files: list[str] = []
         try:
             if external_data:
                 data_tmp = temp_file_beside(folder, location)
                 tmp_files.append(data_tmp)
-                write_external_data(proto, self.base_dir or "", data_tmp, location)
+                write_external_data(proto, self.base_dir or "", data_tmp, location, held)
             else:
                 inline_external_data(proto, self.base_dir or "")
-            if proto.ByteSize() >= 2**31:
+            chunks, total = spliced_chunks(proto.SerializeToString(deterministic=True), held)
+            if total >= 2**31:
                 raise ModelSaveError(
                     f"{path}: the model is over 2 GB; save it with external data")
             model_tmp = temp_file_beside(folder, path.name)
             tmp_files.append(model_tmp)
             with open(model_tmp, "wb") as f:
-                f.write(proto.SerializeToString(deterministic=True))
+                for chunk in chunks:  # the weights go from where they are held to the file
+                    f.write(chunk)
             if external_data:
                 os.replace(data_tmp, data_target)
             os.replace(model_tmp, target)
@@ -354,6 +380,24 @@ class Model:
         s = self.summary()
         return (f"Model({self.graph.name!r}, ir={self.ir_version}, opset={self.opset_imports}, "
                 f"nodes={s.nodes_total}, initializers={s.initializers})")
+
+
+#: Below this many bytes held apart, the proto they came from is kept as it is.
+_REPARSE_MIN_BYTES = 1 << 20
+
+
+def _hold_apart(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list | None]:
+    """``proto`` (ours) with its large tensors held apart, and the held bytes. The parsed
+    proto keeps the memory of the bytes taken out of it as long as it lives, so when they
+    are many it is replaced by a parse of its own (now small) serialization."""
+    held = hold_apart(proto)
+    if not held:
+        return proto, None
+    if sum(len(b) for b in held) >= _REPARSE_MIN_BYTES:
+        small = onnx.ModelProto()
+        small.ParseFromString(proto.SerializeToString())
+        proto = small
+    return proto, held
 
 
 def _graph_constants(g: gs.Graph, seen: set[int]) -> list[gs.Constant]:

@@ -4,8 +4,8 @@ Exporters often declare value_info and output shapes that disagree with what the
 computes; a rewrite that trusts them can silently change a model's outputs. So
 :func:`infer_shapes` strips every declaration but the graph inputs' before running ONNX
 shape inference (with data propagation, so ``Shape``→``Gather``→``Concat`` chains give
-values), and large weights are replaced by typed inputs so that inference never
-serializes gigabytes.
+values), and large weights are given to it as typed inputs (never copied for it) so that
+inference never serializes gigabytes.
 
 Its answers are keyed by tensor *name*, for the whole model. That is the engine of
 :class:`onnxopt.tensorinfo.ShapeIndex` — what passes ask about a gs tensor, by identity —
@@ -50,29 +50,12 @@ def _strip(g: onnx.GraphProto, top: bool) -> None:
     for out in g.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
-    big = [t for t in g.initializer if _nbytes(t) > _BIG]
-    if big:
-        keep = [t for t in g.initializer if _nbytes(t) <= _BIG]
-        names = {i.name for i in g.input}
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        for t in big:
-            if t.name not in names:
-                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for node in g.node:
         for a in node.attribute:
             if a.HasField("g"):
                 _strip(a.g, False)
             for sub in a.graphs:
                 _strip(sub, False)
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return _BIG + 1
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    return int(np.prod(t.dims)) * 4 if t.dims else 4
 
 
 def _info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
@@ -98,7 +81,7 @@ def infer_shapes(model: Model) -> dict[str, TensorInfo]:
     subgraphs included. Declared value_info and output shapes are ignored; graph input
     declarations are kept (they are the model's contract). Never raises: a graph that
     inference cannot handle yields what it could infer (possibly nothing)."""
-    proto = model.to_proto()
+    proto = model.to_proto(large_weights_as_inputs=_BIG)
     _strip(proto.graph, True)
     try:
         inferred = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
