@@ -13,12 +13,14 @@ Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`: inference on the graph 
 never declared value_info or output shapes (exporters declare shapes that the graph does
 not compute), nothing inside Loop/Scan bodies, and no dimension spelled ``-1`` or ``?``.
 
-Evaluation uses onnxruntime, one single-node session per distinct node signature
-(op, attributes, input types), reused across nodes: the model is validated and served
-on onnxruntime, so the folded values are the ones its kernels compute; it covers every
+The folded values are the ones onnxruntime computes: the model is validated and served
+on onnxruntime. Nodes that only move, select, cast or do integer arithmetic on values
+(shape arithmetic, reshaped and sliced weights) are evaluated with numpy
+(:mod:`onnxopt.numpy_eval`), which gives the same values to the bit without importing
+the runtime; every other node runs on onnxruntime, one single-node session per distinct
+node signature (op, attributes, input types), reused across nodes — it covers every
 standard operator and type the model can run with (the onnx reference evaluator has
-gaps and its own numerics), and it is fast (a session is ~0.3 ms, a run microseconds;
-the reference evaluator's pure-numpy Conv or Resize is orders of magnitude slower).
+gaps and its own numerics).
 
 Never folded: nodes of other domains than the standard one (custom ops are not ours to
 evaluate), non-deterministic ops (Random*, Multinomial, Bernoulli, Dropout),
@@ -54,6 +56,7 @@ from onnx import helper, numpy_helper
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, constant_node_value, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
+from onnxopt.numpy_eval import NUMPY_OPS, NotEvaluable, evaluate_node
 from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.weights.decode import COMPACT, decoder_cone, storage_of
@@ -537,7 +540,7 @@ def _plain(dtype) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Evaluation on onnxruntime
+# Evaluation: numpy where it is exact, else onnxruntime
 # --------------------------------------------------------------------------------------
 
 
@@ -546,7 +549,8 @@ class _Unsupported(Exception):
 
 
 class _Evaluator:
-    """Runs single nodes on onnxruntime, one cached session per node signature."""
+    """Evaluates single nodes: with numpy where :mod:`onnxopt.numpy_eval` vouches for the
+    result, else on onnxruntime with one cached session per node signature."""
 
     def __init__(self, model: Model):
         self.opsets = [helper.make_opsetid(d, v) for d, v in sorted(model.opset_imports.items())]
@@ -568,6 +572,16 @@ class _Evaluator:
         return self._options
 
     def run(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        if node.op in NUMPY_OPS:
+            try:
+                values = evaluate_node(node, inputs)
+            except NotEvaluable as exc:
+                log.debug("fold-constants: %s (%s) goes to onnxruntime: %s", node.name or "?", node.op, exc)
+            else:
+                return [v if t.name else None for v, t in zip(values, node.outputs)]
+        return self._run_session(node, inputs)
+
+    def _run_session(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
         in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
         out_names = [f"o{k}" if t.name else "" for k, t in enumerate(node.outputs)]
         try:
