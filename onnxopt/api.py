@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import check_feeds, load_feeds, open_calibration, random_feeds
 from .errors import ValidationFailed
 from .framework import PassContext, Progress
 from .manager import DEFAULT_MAX_ROUNDS, PassManager
@@ -76,15 +75,18 @@ def optimize(
     started = time.perf_counter()
     manager = PassManager(pipeline, max_rounds=max_rounds, verify_each=verify_each,
                           rtol=rtol, atol=atol, min_cosine=min_cosine)
-    providers = check_providers(providers)
+    # the CPU provider is in every onnxruntime build: a run without validation need not load it
+    providers = ["cpu"] if tuple(providers) == ("cpu",) else check_providers(providers)
     source_path = str(model) if isinstance(model, (str, os.PathLike)) else None
     candidate = load(model)
-    reference = Model.load(model) if source_path else candidate.copy()
+    reference = candidate.copy()  # shares the weights' bytes: nothing changes them in place
     if output is not None:
         candidate.check_output_path(output)
 
     notes: list[str] = []
     feed_source = ""
+    if feeds is not None or verify_each or calibration is not None:
+        from .data import check_feeds, load_feeds, open_calibration, random_feeds
     if isinstance(feeds, (str, os.PathLike)):
         feed_source = str(feeds)
         feeds = load_feeds(feeds, reference)
@@ -109,8 +111,10 @@ def optimize(
                                   _file_bytes(source_path) if source_path else None)
     result = manager.run(candidate, ctx)
 
+    # a model written to ``output`` is measured on disk instead (below)
     report = Report(pipeline=result.pipeline, input=input_figures,
-                    output=model_figures(candidate), passes=[r.as_dict() for r in result.records],
+                    output=model_figures(candidate) if output is None else {},
+                    passes=[r.as_dict() for r in result.records],
                     converged=result.converged, groups=result.groups, notes=notes)
     report.layers = layer_figures(reference, candidate, report.passes)
     for r in result.rolled_back:
@@ -126,6 +130,7 @@ def optimize(
         report.validation_bound = v.bound
         report.feeds = v.feeds
         if not v.passed and not force:
+            report.output = report.output or model_figures(candidate)
             report.seconds = time.perf_counter() - started
             why = "; ".join(v.failures())[:600]
             unwritten = "; output not written (--force writes it)" if output is not None else ""
