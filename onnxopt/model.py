@@ -30,13 +30,14 @@ names the rest of the code imports from here are re-exported:
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -267,11 +268,10 @@ class Model:
         seen: set[int] = set()
         for g in iter_graphs(self.graph):
             yield from _graph_constants(g, seen)
-            for node in g.nodes:
-                for value in node.attrs.values():
-                    if isinstance(value, gs.Constant) and id(value) not in seen:
-                        seen.add(id(value))
-                        yield value
+            for value in _attribute_constants(g):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    yield value
 
     def restore(self, snapshot: Model) -> None:
         """Make this model the snapshot again (rollback of a failed pass)."""
@@ -364,16 +364,27 @@ class Model:
         return self.summary().tensor_bytes
 
     def summary(self) -> ModelSummary:
-        nodes_total = inits = subgraphs = 0
-        seen: set[int] = set()
+        """The counts, in one walk: initializers as :func:`_graph_constants` finds them,
+        parameters and bytes over :meth:`constants` (which adds Constant-node values)."""
+        nodes_total = inits = subgraphs = params = nbytes = 0
+        owned: set[int] = set()  # what _graph_constants gives: the initializer count
+        seen: set[int] = set()  # what constants() gives: the figures
         for g in iter_graphs(self.graph):
             subgraphs += g is not self.graph
             nodes_total += len(g.nodes)
-            inits += len(_graph_constants(g, seen))
-        params = nbytes = 0
-        for t in self.constants():
-            params += int(np.prod(t.shape)) if t.shape is not None else 0
-            nbytes += tensor_nbytes(t)
+            for t in _constant_candidates(g):
+                if id(t) not in owned:
+                    owned.add(id(t))
+                    inits += 1
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    params += int(math.prod(t.shape)) if t.shape is not None else 0
+                    nbytes += tensor_nbytes(t)
+            for t in _attribute_constants(g):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    params += int(math.prod(t.shape)) if t.shape is not None else 0
+                    nbytes += tensor_nbytes(t)
         return ModelSummary(len(self.graph.nodes), nodes_total, inits, params, nbytes, subgraphs)
 
     def __repr__(self) -> str:
@@ -405,17 +416,28 @@ def _graph_constants(g: gs.Graph, seen: set[int]) -> list[gs.Constant]:
     not listed (created by passes). ``seen`` holds the ids of constants owned by enclosing
     graphs (visit outer graphs first); it is updated."""
     out: list[gs.Constant] = []
-    for t in extras(g).initializers:
+    for t in _constant_candidates(g):
         if id(t) not in seen:
             seen.add(id(t))
             out.append(t)
+    return out
+
+
+def _constant_candidates(g: gs.Graph) -> Iterator[gs.Constant]:
+    """What :func:`_graph_constants` looks at, in order, repeats included."""
+    yield from extras(g).initializers
     for node in g.nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Constant) and id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
-    for t in list(g.inputs) + list(g.outputs):
-        if isinstance(t, gs.Constant) and id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+            if isinstance(t, gs.Constant):
+                yield t
+    for t in itertools.chain(g.inputs, g.outputs):
+        if isinstance(t, gs.Constant):
+            yield t
+
+
+def _attribute_constants(g: gs.Graph) -> Iterator[gs.Constant]:
+    """The constants held by the attributes of ``g``'s nodes (Constant-node values)."""
+    for node in g.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant):
+                yield value
