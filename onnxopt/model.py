@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,16 +217,19 @@ class Model:
 
     # ---- exporting -------------------------------------------------------------------
 
-    def to_proto(self, *, large_weights_as_inputs: int | None = None) -> onnx.ModelProto:
+    def to_proto(self, *, weights_as_inputs: Callable[[gs.Constant, bool], bool] | None = None
+                 ) -> onnx.ModelProto:
         """The model as a ``ModelProto``. Tensors still in external files stay external
         (their locations are relative to :attr:`base_dir`).
 
-        ``large_weights_as_inputs``: initializers of more bytes than this are written as
-        graph inputs of their type and shape, without their data — what an analysis such
-        as shape inference needs, without copying the weights."""
-        return self._to_proto(None, large_weights_as_inputs)
+        ``weights_as_inputs(tensor, in_top_graph)``: initializers for which it is true are
+        written as graph inputs of their type and shape, without their data — what an analysis such as
+        shape inference needs, without copying the weights (see
+        :func:`onnxopt.proto_convert.constant_type` and ``constant_data_bytes``)."""
+        return self._to_proto(None, weights_as_inputs)
 
-    def _to_proto(self, held: list | None, inputs_above: int | None = None) -> onnx.ModelProto:
+    def _to_proto(self, held: list | None, as_input: Callable[[gs.Constant, bool], bool] | None = None
+                  ) -> onnx.ModelProto:
         """:meth:`to_proto`; with ``held``, large tensors are markers appended to it."""
         proto = onnx.ModelProto()
         proto.ir_version = self.ir_version
@@ -235,7 +238,7 @@ class Model:
             if value or name in self.present_fields:
                 setattr(proto, name, value)
         with gc_paused():
-            _, domains = graph_to_proto(self.graph, proto.graph, held=held, inputs_above=inputs_above)
+            _, domains = graph_to_proto(self.graph, proto.graph, held=held, as_input=as_input)
         used = domains | {norm_domain(f.domain) for f in self.functions}
         opsets = dict(self.opset_imports)
         for domain in sorted(used - set(opsets)):

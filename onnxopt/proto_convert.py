@@ -20,7 +20,7 @@ them, a save streams them), or leaves the largest initializers out as typed grap
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,8 @@ from .model_files import (
     held_marker,
 )
 
-__all__ = ["graph_from_proto", "graph_to_proto", "hold_apart", "norm_domain"]
+__all__ = ["constant_data_bytes", "constant_type", "graph_from_proto", "graph_to_proto", "hold_apart",
+           "norm_domain"]
 
 
 def graph_from_proto(proto: onnx.GraphProto, base_dir: str | None,
@@ -54,15 +55,16 @@ def graph_from_proto(proto: onnx.GraphProto, base_dir: str | None,
 
 
 def graph_to_proto(graph: gs.Graph, into: onnx.GraphProto | None = None, *, held: list | None = None,
-                   inputs_above: int | None = None) -> tuple[onnx.GraphProto, set[str]]:
+                   as_input: Callable[[gs.Constant, bool], bool] | None = None
+                   ) -> tuple[onnx.GraphProto, set[str]]:
     """The top graph back as a ``GraphProto`` (``into``, or a new one), and the domains its
     nodes use (normalized by :func:`norm_domain`) so that the model can import an opset
     for each.
 
-    With ``held``, large tensors are written as markers appended to it; with
-    ``inputs_above``, initializers of more bytes are written as graph inputs of their type
-    and shape, without data."""
-    exporter = _Exporter(_place_new_constants(graph), held, inputs_above)
+    With ``held``, large tensors are written as markers appended to it; initializers for
+    which ``as_input(tensor, in_top_graph)`` is true are written as graph inputs of their
+    type and shape, without data."""
+    exporter = _Exporter(_place_new_constants(graph), held, as_input)
     return exporter.graph(graph, set(), into), exporter.domains
 
 
@@ -355,11 +357,11 @@ def _place_new_constants(root: gs.Graph) -> dict[int, list[gs.Constant]]:
 
 class _Exporter:
     def __init__(self, placement: dict[int, list[gs.Constant]] | None = None,
-                 held: list | None = None, inputs_above: int | None = None):
+                 held: list | None = None, as_input: Callable[[gs.Constant, bool], bool] | None = None):
         self.domains: set[str] = set()
         self.placement = placement or {}
         self.held = held
-        self.inputs_above = inputs_above
+        self.as_input = as_input
 
     def graph(self, g: gs.Graph, outer: set[str], proto: onnx.GraphProto | None = None) -> onnx.GraphProto:
         ext = extras(g)
@@ -416,9 +418,9 @@ class _Exporter:
                 sp = proto.sparse_initializer.add()
                 sp.CopyFrom(values.tensor)
                 sp.values.name = t.name
-            elif self.inputs_above is not None and _data_bytes(t) > self.inputs_above:
+            elif self.as_input is not None and self.as_input(t, not outer):
                 if t.name not in input_names:  # its type and shape, without the data
-                    elem, dims = _type_of(t)
+                    elem, dims = constant_type(t)
                     proto.input.append(onnx.helper.make_tensor_value_info(t.name, elem, dims))
             else:
                 _fill_tensor(t, proto.initializer.add(), self.held)
@@ -560,7 +562,7 @@ def _copy_header(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
                 setattr(dst, name, getattr(src, name))
 
 
-def _data_bytes(t: gs.Constant) -> int:
+def constant_data_bytes(t: gs.Constant) -> int:
     """Bytes of data the exported tensor proto carries: its ``raw_data``, else four per
     element of the typed fields; external data counts as larger than any limit."""
     values = t._values
@@ -580,7 +582,7 @@ def _data_bytes(t: gs.Constant) -> int:
     return int(np.prod(proto.dims)) * 4 if proto.dims else 4
 
 
-def _type_of(t: gs.Constant) -> tuple[int, list[int]]:
+def constant_type(t: gs.Constant) -> tuple[int, list[int]]:
     """ONNX element type and dimensions of a constant, from its header."""
     values = t._values
     if isinstance(values, InlineValues):

@@ -16,6 +16,7 @@ names are unique only per scope, and a name says nothing about a tensor created 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import onnx
 from onnx import shape_inference
 
 from .model import Model
+from .proto_convert import constant_data_bytes, constant_type
 
 __all__ = ["TensorInfo", "infer_shapes", "static_shape"]
 
@@ -58,6 +60,24 @@ def _strip(g: onnx.GraphProto, top: bool) -> None:
                 _strip(sub, False)
 
 
+#: Floating-point element types: no inference function reads the values of a float input
+#: of more than a few elements (scales, Range's scalars: one element per axis at most).
+_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                     onnx.TensorProto.BFLOAT16})
+_FEW = 64
+
+
+def _data_not_needed(t, top: bool) -> bool:
+    """Whether inference gets initializer ``t`` as a typed input instead of its data: any
+    above 1 MB, and in the top graph a float tensor of more than a few elements (a body
+    of an If or Loop must not change its inputs for that)."""
+    if top:
+        elem, dims = constant_type(t)
+        if elem in _FLOATS and math.prod(dims) > _FEW:
+            return True
+    return constant_data_bytes(t) > _BIG
+
+
 def _info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
     if not vi.type.HasField("tensor_type"):
         return None
@@ -81,7 +101,7 @@ def infer_shapes(model: Model) -> dict[str, TensorInfo]:
     subgraphs included. Declared value_info and output shapes are ignored; graph input
     declarations are kept (they are the model's contract). Never raises: a graph that
     inference cannot handle yields what it could infer (possibly nothing)."""
-    proto = model.to_proto(large_weights_as_inputs=_BIG)
+    proto = model.to_proto(weights_as_inputs=_data_not_needed)
     _strip(proto.graph, True)
     try:
         inferred = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
