@@ -63,9 +63,10 @@ def graph_to_proto(graph: gs.Graph, into: onnx.GraphProto | None = None, *, held
 
     With ``held``, large tensors are written as markers appended to it; initializers for
     which ``as_input(tensor, in_top_graph)`` is true are written as graph inputs of their
-    type and shape, without data."""
+    type and shape, without data, and so are the Constant nodes of the top graph whose
+    value it is true for (unless they give a graph output)."""
     exporter = _Exporter(_place_new_constants(graph), held, as_input)
-    return exporter.graph(graph, set(), into), exporter.domains
+    return exporter.graph(graph, set(), into, top=True), exporter.domains
 
 
 def hold_apart(proto: onnx.ModelProto) -> list[bytes]:
@@ -363,7 +364,8 @@ class _Exporter:
         self.held = held
         self.as_input = as_input
 
-    def graph(self, g: gs.Graph, outer: set[str], proto: onnx.GraphProto | None = None) -> onnx.GraphProto:
+    def graph(self, g: gs.Graph, outer: set[str], proto: onnx.GraphProto | None = None,
+              top: bool = False) -> onnx.GraphProto:
         ext = extras(g)
         proto = onnx.GraphProto() if proto is None else proto
         proto.name = g.name or ""
@@ -418,7 +420,7 @@ class _Exporter:
                 sp = proto.sparse_initializer.add()
                 sp.CopyFrom(values.tensor)
                 sp.values.name = t.name
-            elif self.as_input is not None and self.as_input(t, not outer):
+            elif self.as_input is not None and self.as_input(t, top):
                 if t.name not in input_names:  # its type and shape, without the data
                     elem, dims = constant_type(t)
                     proto.input.append(onnx.helper.make_tensor_value_info(t.name, elem, dims))
@@ -428,6 +430,8 @@ class _Exporter:
         io_ids = {id(t) for t in g.inputs} | {id(t) for t in g.outputs}
         vi_seen: set[int] = set()
         for node in g.nodes:
+            if top and self.as_input is not None and self._constant_as_input(node, io_ids, proto):
+                continue
             self.node(node, defined, proto.node.add())
             for t in node.outputs:
                 if (isinstance(t, gs.Variable) and t.name and id(t) not in io_ids
@@ -443,6 +447,20 @@ class _Exporter:
         for key, value in ext.metadata_props:
             proto.metadata_props.add(key=key, value=value)
         return proto
+
+    def _constant_as_input(self, node: gs.Node, io_ids: set[int], proto: onnx.GraphProto) -> bool:
+        """Write a Constant node whose value ``as_input`` is true for as a typed graph input."""
+        if (node.op != "Constant" or node.domain not in (None, "", "ai.onnx") or node.inputs
+                or len(node.outputs) != 1 or not node.outputs[0].name or id(node.outputs[0]) in io_ids
+                or list(node.attrs) != ["value"]):
+            return False
+        value = node.attrs["value"]
+        if not isinstance(value, gs.Constant) or isinstance(value._values, SparseValues) \
+                or not self.as_input(value, True):
+            return False
+        elem, dims = constant_type(value)
+        proto.input.append(onnx.helper.make_tensor_value_info(node.outputs[0].name, elem, dims))
+        return True
 
     def node(self, node: gs.Node, scope: set[str], p: onnx.NodeProto) -> None:
         p.op_type = node.op
