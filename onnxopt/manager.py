@@ -105,8 +105,12 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         """Run every step over ``model`` (mutated in place)."""
         self._summary = None  # the model's figures after the last pass: the next one's "before"
-        with gc_paused():
-            return self._run(model, ctx or PassContext())
+        self._state = object()  # the model's state; a new one after every change
+        try:
+            with gc_paused():
+                return self._run(model, ctx or PassContext())
+        finally:
+            model.settle(None)
 
     def _run(self, model: Model, ctx: PassContext) -> RunResult:
         records: list[PassRecord] = []
@@ -137,6 +141,7 @@ class PassManager:
         p = step.pass_
         before = self._summary or model.summary()
         snapshot = model.copy() if self.verify_each else None
+        model.settle(self._state)  # passes after passes that changed nothing share analyses
         log.info("running %s", p.spec())
         t0 = time.perf_counter()
         error = ""
@@ -160,7 +165,10 @@ class PassManager:
                 log.warning("pass %s broke the model (%s); rolled back", p.name, problem)
                 model.restore(snapshot)
                 rolled_back, error = True, problem
-        after = model.summary() if (result is not None and result.modified) or rolled_back else before
+        changed = (result is not None and result.modified) or rolled_back
+        if changed:
+            self._state = object()
+        after = model.summary() if changed else before
         self._summary = after
         return PassRecord(
             name=p.name, options=dict(p.given), exact=p.exact,

@@ -276,6 +276,38 @@ class Model:
                     seen.add(id(value))
                     yield value
 
+    def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it gave for this same model state.
+
+        A state is known to be the same only between the passes of a
+        :class:`~onnxopt.manager.PassManager` run that changed nothing: the manager names
+        each state (:meth:`settle`). Within one pass an analysis is reused at most on its
+        first use, since the pass may have changed the model before asking again; outside
+        a run nothing is reused."""
+        state = self.__dict__.get("_state")
+        if state is None:
+            return compute()
+        asked = self.__dict__.setdefault("_asked", set())
+        if key in asked:
+            return compute()
+        asked.add(key)
+        found = self.__dict__.setdefault("_analyses", {}).get(key)
+        if found is not None and found[0] is state:
+            return found[1]
+        value = compute()
+        self._analyses[key] = (state, value)
+        return value
+
+    def settle(self, state: object | None) -> None:
+        """Name the model's state before a pass runs (a new object once the model
+        changed, the same one while it did not); None forgets every analysis."""
+        if state is None:
+            for key in ("_state", "_asked", "_analyses"):
+                self.__dict__.pop(key, None)
+            return
+        self._state = state
+        self._asked = set()
+
     def restore(self, snapshot: Model) -> None:
         """Make this model the snapshot again (rollback of a failed pass)."""
         self.__dict__.update(snapshot.copy().__dict__)

@@ -100,7 +100,12 @@ def infer_shapes(model: Model) -> dict[str, TensorInfo]:
     """Name -> :class:`TensorInfo` for every tensor ONNX shape inference can type,
     subgraphs included. Declared value_info and output shapes are ignored; graph input
     declarations are kept (they are the model's contract). Never raises: a graph that
-    inference cannot handle yields what it could infer (possibly nothing)."""
+    inference cannot handle yields what it could infer (possibly nothing). Passes that
+    follow passes that changed nothing share one inference (:meth:`Model.analysis`)."""
+    return model.analysis("infer_shapes", lambda: _infer_shapes(model))
+
+
+def _infer_shapes(model: Model) -> dict[str, TensorInfo]:
     proto = model.to_proto(weights_as_inputs=_data_not_needed)
     _strip(proto.graph, True)
     try:
