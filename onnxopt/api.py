@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 
 from .errors import ValidationFailed
-from .framework import PassContext, Progress
+from .framework import Group, PassContext, Progress
 from .manager import DEFAULT_MAX_ROUNDS, PassManager
 from .model import Model
-from .report import Report, layer_figures, model_figures
+from .report import Report, layer_channels, layer_figures, model_figures
 from .validate import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL, check_providers, validate
 
 __all__ = ["optimize", "load"]
@@ -79,25 +79,30 @@ def optimize(
     providers = ["cpu"] if tuple(providers) == ("cpu",) else check_providers(providers)
     source_path = str(model) if isinstance(model, (str, os.PathLike)) else None
     candidate = load(model)
-    reference = candidate.copy()  # shares the weights' bytes: nothing changes them in place
+    # The built-in exact passes never read the original: without validation the report's
+    # figures of it are taken before the run, and no copy is made.
+    needs_reference = validate_output or verify_each or not _builtin_exact(manager)
+    # the copy shares the weights' bytes: nothing changes them in place
+    reference = candidate.copy() if needs_reference else None
     if output is not None:
         candidate.check_output_path(output)
 
     notes: list[str] = []
     feed_source = ""
+    original = reference if reference is not None else candidate  # the input, as it is now
     if feeds is not None or verify_each or calibration is not None:
         from .data import check_feeds, load_feeds, open_calibration, random_feeds
     if isinstance(feeds, (str, os.PathLike)):
         feed_source = str(feeds)
-        feeds = load_feeds(feeds, reference)
+        feeds = load_feeds(feeds, original)
     elif feeds is not None:
         feeds = dict(feeds)
-        check_feeds(reference, feeds)
+        check_feeds(original, feeds)
         feed_source = "given"
     elif verify_each:
-        feeds, notes = random_feeds(reference, shapes, seed=seed)
+        feeds, notes = random_feeds(original, shapes, seed=seed)
         feed_source = "generated"
-    calib = open_calibration(calibration, reference) if calibration is not None else None
+    calib = open_calibration(calibration, original) if calibration is not None else None
     if feeds is None and calib is not None:
         # real data beats generated noise for judging a lossy rewrite
         feeds = dict(next(iter(calib)))
@@ -107,8 +112,9 @@ def optimize(
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
                       shapes=dict(shapes or {}), progress=progress or Progress(),
                       logger=logging.getLogger("onnxopt.passes"), seed=seed)
-    input_figures = model_figures(reference, source_path,
+    input_figures = model_figures(original, source_path,
                                   _file_bytes(source_path) if source_path else None)
+    before = layer_channels(original) if reference is None else None
     result = manager.run(candidate, ctx)
 
     # a model written to ``output`` is measured on disk instead (below)
@@ -116,7 +122,7 @@ def optimize(
                     output=model_figures(candidate) if output is None else {},
                     passes=[r.as_dict() for r in result.records],
                     converged=result.converged, groups=result.groups, notes=notes)
-    report.layers = layer_figures(reference, candidate, report.passes)
+    report.layers = layer_figures(reference, candidate, report.passes, before=before)
     for r in result.rolled_back:
         report.notes.append(f"pass {r.name} was rolled back: {r.error}")
 
@@ -142,6 +148,12 @@ def optimize(
         report.output = model_figures(candidate, str(path), _file_bytes(str(path)))
     report.seconds = time.perf_counter() - started
     return candidate, report
+
+
+def _builtin_exact(manager: PassManager) -> bool:
+    """Whether every pass of the pipeline is one of the library's exact passes."""
+    steps = [s for step in manager.steps for s in (step.steps if isinstance(step, Group) else [step])]
+    return all(s.pass_.exact and type(s.pass_).__module__.startswith("onnxopt.passes.") for s in steps)
 
 
 def _file_bytes(path: str | None) -> int | None:
