@@ -144,6 +144,7 @@ class Model:
     # ---- loading ---------------------------------------------------------------------
 
     @classmethod
+    @gc_paused()  # parsing and walking a large proto makes many objects at once
     def load(cls, source: str | os.PathLike | bytes | onnx.ModelProto, *,
              base_dir: str | os.PathLike | None = None) -> Model:
         """Load a model from a file path, serialized bytes or a ``ModelProto``.
@@ -331,6 +332,7 @@ class Model:
         if self.source_path and str(path.resolve()) == self.source_path:
             raise ModelSaveError(f"{path}: is the input model; write the output elsewhere")
 
+    @gc_paused()
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
              location: str | None = None) -> Path:
         """Write the model to ``path`` atomically and deterministically.
