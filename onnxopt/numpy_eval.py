@@ -281,20 +281,37 @@ def _scatter_nd(node, args):
         col = flat_idx[:, dim]
         _need(bool(np.all((col >= -data.shape[dim]) & (col < data.shape[dim]))), "index out of range")
         flat_idx[:, dim] = np.where(col < 0, col + data.shape[dim], col)
-    out[tuple(flat_idx.T)] = upd
+    where = tuple(flat_idx.T)
+    _need(_distinct(where, data.shape[:k]), "an element written twice")
+    out[where] = upd
     return out
+
+
+def _distinct(where: tuple, shape: tuple) -> bool:
+    """Whether the index arrays ``where`` name every element of ``shape`` at most once
+    (ONNX leaves the order of repeated writes open)."""
+    if not where or where[0].size == 0:
+        return True
+    flat = np.ravel_multi_index(tuple(np.ravel(w) for w in np.broadcast_arrays(*where)), shape)
+    return np.unique(flat).size == flat.size
 
 
 def _scatter_elements(node, args):
     data, indices, updates = args
     _need(node.attrs.get("reduction", "none") in ("none", b"none"), "ScatterElements with a reduction")
     _need(indices.dtype.type in (np.int32, np.int64) and updates.dtype == data.dtype, "element types")
+    _need(indices.shape == updates.shape and indices.ndim == data.ndim, "shapes of indices and updates")
     axis = _axis(int(node.attrs.get("axis", 0)), data.ndim)
+    _need(all(i <= d for k, (i, d) in enumerate(zip(indices.shape, data.shape)) if k != axis),
+          "indices larger than the data")
     dim = data.shape[axis]
     idx = indices.astype(np.int64)
     _need(bool(np.all((idx >= -dim) & (idx < dim))), "index out of range")
+    where = list(np.indices(indices.shape, sparse=True))  # element [i, j, ...] of the indices ...
+    where[axis] = np.where(idx < 0, idx + dim, idx)  # ... writes along the axis where it says
+    _need(_distinct(tuple(where), data.shape), "an element written twice")
     out = np.array(data, copy=True)
-    np.put_along_axis(out, np.where(idx < 0, idx + dim, idx), updates, axis=axis)
+    out[tuple(where)] = updates
     return out
 
 
