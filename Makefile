@@ -9,14 +9,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured clean
+.PHONY: all venv models demo test test-slow lint bench bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,search]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,10 +43,10 @@ BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
 $(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,search]'
 	touch $(BENCH_STAMP)
 
-bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured
+bench: bench-simplify bench-simplify-passes bench-quantize bench-compress bench-structured bench-search
 
 # onnxopt against onnxoptimizer, onnxsim and onnxslim (about 20 minutes); writes
 # benchmarks/results/simplify.json and the README section.
@@ -68,6 +68,12 @@ bench-compress: $(BENCH_STAMP) models
 # the README section.
 bench-structured: $(BENCH_STAMP) models
 	$(BIN)/python -m benchmarks.structured
+
+# onnxopt search on PP-OCR det/rec/cls, MiniLM and the digits classifier, both objectives
+# (up to 10 minutes each), then Ray throughput, resume and a two-node cluster; writes
+# benchmarks/results/search.json and the README section. BENCH_ARGS=--quick: digits and cls.
+bench-search: $(BENCH_STAMP) models
+	$(BIN)/python -m benchmarks.search $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/python -m ruff check onnxopt passes models tests benchmarks

@@ -246,7 +246,7 @@ def fidelity(ref: bytes, cand: bytes, ev: list[dict], task) -> dict:
 
 
 def fused(data: bytes) -> float | None:
-    from onnxopt.passes.quantize_fusion import analyze_fusion
+    from onnxopt.passes.quantize.fusion import analyze_fusion
 
     f = analyze_fusion(onnx.load_from_string(data))
     return f.fraction
@@ -427,7 +427,7 @@ def tables(results: dict) -> str:
              "per-channel, minmax: the settings of `ort static u8`, whose clean-up is `quant_pre_process`); "
              "`onnxopt int8 + guard` is the `int8` preset (the same clean-up, percentile calibration, guard at "
              "cosine 0.995). `fused` is the fused fraction "
-             "measured the same way for every model (`onnxopt.passes.quantize_fusion`).", ""]
+             "measured the same way for every model (`onnxopt.passes.quantize.fusion`).", ""]
     header = ["model", "variant", "size ×", "speed-up 1 thread", f"speed-up {cores} threads", "fused",
               "cosine", "max abs", "task", "quantize s", "note"]
     rows = []

@@ -2,7 +2,8 @@
 
 A pass manager applies named rewrite passes to a model and every result is checked
 against the original on onnxruntime. Start with :func:`optimize`; compose your own with
-:class:`Model`, :class:`PassManager` and :func:`validate`.
+:class:`Model`, :class:`PassManager` and :func:`validate`; let :func:`search` find the
+pipeline for an objective under a fidelity floor.
 
 The public names below are imported on first use (module ``__getattr__``), so that a
 command that needs neither onnxruntime nor the report's tables does not pay for them:
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "optimize": ".api",
+    "search": ".autocompress",
     "load": ".api",
     "Model": ".model",
     "PassManager": ".manager",
@@ -44,6 +46,7 @@ _EXPORTS = {
 __all__ = [
     "__version__",
     "optimize",
+    "search",
     "load",
     "Model",
     "PassManager",
@@ -65,6 +68,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .api import load, optimize
+    from .autocompress import search
     from .errors import OnnxoptError, ValidationFailed
     from .framework import (
         Opt,

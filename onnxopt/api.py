@@ -110,7 +110,7 @@ def optimize(
     manager.feeds = feeds
 
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
-                      shapes=dict(shapes or {}), progress=progress or Progress(),
+                      shapes=dict(shapes or {}), feeds=feeds, progress=progress or Progress(),
                       logger=logging.getLogger("onnxopt.passes"), seed=seed)
     input_figures = model_figures(original, source_path,
                                   _file_bytes(source_path) if source_path else None)

@@ -1,4 +1,5 @@
-"""The ``onnxopt`` command line: ``passes``, ``inspect``, ``optimize``, ``validate``, ``report``.
+"""The ``onnxopt`` command line: ``passes``, ``inspect``, ``optimize``, ``search``, ``validate``,
+``report``.
 
 Every failure a user can cause ends in one line on stderr (``onnxopt: error: ...``) and
 the exit code of its :mod:`onnxopt.errors` class; ``--debug`` shows the traceback.
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--report", help="write the JSON report here")
     so.add_argument("--html", help="write the HTML report here (needs the 'report' extra)")
 
+    _search_args(add("search", "find the best compressed model for an objective under a fidelity floor"))
+
     sv = add("validate", "compare a candidate model with a reference on onnxruntime")
     sv.add_argument("reference")
     sv.add_argument("candidate")
@@ -83,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("report", help="a JSON report written by --report")
     sr.add_argument("-o", "--output", required=True, help="where to write the HTML page")
     return p
+
+
+def _search_args(ss: argparse.ArgumentParser) -> None:
+    ss.add_argument("model")
+    ss.add_argument("-o", "--output", required=True, help="where to write the chosen model")
+    ss.add_argument("--calib", required=True,
+                    help="calibration data: a .npz (first axis = samples) or a folder of .npz; part is held out")
+    ss.add_argument("--inputs", help="feeds for the final validation, never used in the search "
+                    "(.npz, .npy or a folder of .npz; default: calibration samples held back)")
+    ss.add_argument("--objective", required=True, choices=("latency", "size"),
+                    help="what to minimise: onnxruntime CPU latency (1 thread) or file bytes")
+    ss.add_argument("--min-cosine", type=float, default=None,
+                    help="fidelity floor: every output's cosine to the original on held-out samples (0.99)")
+    ss.add_argument("--metric", help="module:function(reference, candidate[, feeds]) -> float, higher is better")
+    ss.add_argument("--min-metric", type=float, default=None, help="floor of --metric")
+    ss.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; when they run out the best so far is written (600)")
+    ss.add_argument("--space", help="families to search, comma-separated: int8,int4,fp16,prune,share,channels,"
+                    "finetune (default: all that can move the objective)")
+    ss.add_argument("--workers", type=int, default=None, help="parallel jobs (default: this machine's cores)")
+    ss.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:PORT (default: a local Ray)")
+    ss.add_argument("--backend", choices=("auto", "ray", "local"), default="auto",
+                    help="where jobs run: auto (Ray when installed), ray, or local (this process)")
+    ss.add_argument("--report", help="write the JSON report here")
+    ss.add_argument("--html", help="write the HTML report here (the Pareto plot; needs the 'report' extra)")
+    ss.add_argument("--seed", type=int, default=0, help="seed of the data split and of the passes")
+    ss.add_argument("--force", action="store_true", help="write the closest model even if none meets the floor")
+    ss.add_argument("--cache-dir", help="where probe and trial results are kept (default: ~/.cache/onnxopt/search)")
+    ss.add_argument("--no-cache", action="store_true", help="measure everything again; keep nothing")
+    ss.add_argument("--all", action="store_true", help="list every model measured, not only the front")
 
 
 def _common_args(p: argparse.ArgumentParser, default) -> None:
@@ -153,14 +186,14 @@ def _shapes(items: list[str]) -> dict:
 
 
 def _cmd_passes(args, console) -> int:
-    from .framework import presets, registered_passes
+    from .framework import pass_source, presets, registered_passes
 
     passes = registered_passes()
     if args.markdown:
         print(pass_table_markdown())
         return EXIT_OK
     if args.json:
-        data = {"passes": [{"name": n, "summary": c.summary, "exact": c.exact,
+        data = {"passes": [{"name": n, "summary": c.summary, "exact": c.exact, "source": pass_source(c),
                             "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                             **({"choices": list(o.choices)} if o.choices else {})}
                                         for k, o in c.options.items()}}
@@ -176,7 +209,8 @@ def _cmd_passes(args, console) -> int:
         t.add_column(col)
     for name, cls in passes.items():
         opts = "\n".join(f"{k}: {o.describe()} — {o.help}" for k, o in cls.options.items())
-        t.add_row(name, "exact" if cls.exact else "lossy", escape(cls.summary), escape(opts) or "-")
+        t.add_row(f"{name}\n[dim]{escape(pass_source(cls))}[/dim]", "exact" if cls.exact else "lossy",
+                  escape(cls.summary), escape(opts) or "-")
     console.print(t)
     pt = Table(title="presets", title_justify="left")
     for col in ("name", "pipeline", "summary"):
@@ -189,7 +223,7 @@ def _cmd_passes(args, console) -> int:
 
 def pass_table_markdown() -> str:
     """The pass table of the README, generated from the registry."""
-    from .framework import presets, registered_passes
+    from .framework import pass_source, presets, registered_passes
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
@@ -197,7 +231,8 @@ def pass_table_markdown() -> str:
     lines = ["| pass | kind | what it does | options |", "| --- | --- | --- | --- |"]
     for name, cls in registered_passes().items():
         opts = "<br>".join(f"`{k}` ({cell(o.describe())}): {cell(o.help)}" for k, o in cls.options.items())
-        lines.append(f"| `{name}` | {'exact' if cls.exact else 'lossy'} | {cell(cls.summary)} | {opts or '—'} |")
+        kind = "exact" if cls.exact else "lossy"
+        lines.append(f"| [`{name}`]({pass_source(cls)}) | {kind} | {cell(cls.summary)} | {opts or '—'} |")
     lines += ["", "| preset | pipeline | what it is for |", "| --- | --- | --- |"]
     for name, (pipeline, summary) in presets().items():
         lines.append(f"| `{name}` | `{cell(pipeline)}` | {cell(summary)} |")
@@ -348,6 +383,40 @@ def _cmd_validate(args, console) -> int:
     return EXIT_OK
 
 
+def _cmd_search(args, console) -> int:
+    from .autocompress import DEFAULT_TIME_BUDGET, search
+    from .autocompress.summary import render_search
+    from .errors import ValidationFailed
+    from .html_report import write_html
+    from .validate import DEFAULT_MIN_COSINE
+
+    _check_report_path(args.report)
+    _check_html(args.html)
+    progress = _RichProgress(_stderr_console(args)) if not args.quiet else None
+    cache = None if args.no_cache else (args.cache_dir or True)
+    try:
+        with progress or _null():
+            result = search(
+                args.model, args.output, calibration=args.calib, feeds=args.inputs, objective=args.objective,
+                min_cosine=DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine,
+                metric=args.metric, min_metric=args.min_metric,
+                time_budget=DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget,
+                space=args.space, workers=args.workers, address=args.address, backend=args.backend,
+                report=args.report, seed=args.seed, force=args.force, cache_dir=cache, progress=progress)
+    except ValidationFailed as exc:
+        if exc.report is not None and not args.quiet:
+            render_search(exc.report, console, all_trials=args.all)
+        if exc.report is not None and args.html:
+            write_html(exc.report, args.html)
+        raise
+    if args.html:
+        write_html(result.report, args.html)
+    if not args.quiet:
+        render_search(result.report, console, all_trials=args.all)
+        console.print(f"wrote {args.output}" + (" (the time budget cut the search)" if result.cut else ""))
+    return EXIT_OK
+
+
 def _cmd_report(args, console) -> int:
     from .html_report import load_report, write_html
 
@@ -400,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_USAGE
         handler = {"passes": _cmd_passes, "inspect": _cmd_inspect, "optimize": _cmd_optimize,
-                   "validate": _cmd_validate, "report": _cmd_report}[args.command]
+                   "search": _cmd_search, "validate": _cmd_validate, "report": _cmd_report}[args.command]
         return handler(args, console)
     except OnnxoptError as exc:
         if debug:

@@ -43,6 +43,7 @@ __all__ = [
     "presets",
     "parse_pipeline",
     "load_builtin_passes",
+    "pass_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,15 +153,24 @@ class PassContext:
     ``calibration``: a re-iterable of feed dicts (see :mod:`onnxopt.data`) or None.
     ``providers``: onnxruntime providers to use (``cpu``, ``cuda``).
     ``shapes``: values for dynamic dimensions given by the user (input name -> shape).
+    ``feeds``: the validation feeds (input name -> array) when the caller has them — a pass
+    that re-checks a rewrite on onnxruntime runs it on these; None when validation will
+    generate its feeds from the signature (``shapes``, ``seed``).
+    ``map_shards``/``shards``: ``map_shards(fn, items) -> results`` runs a plain function
+    over plain data, possibly in parallel (Ray tasks); a pass may cut data-parallel work
+    such as calibration statistics into ``shards`` parts with it. None: it runs here.
     """
 
     reference: Any = None
     calibration: Any = None
     providers: tuple[str, ...] = ("cpu",)
     shapes: Mapping[str, tuple] = field(default_factory=dict)
+    feeds: Mapping[str, Any] | None = None
     progress: Progress = field(default_factory=Progress)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt.passes"))
     seed: int = 0
+    map_shards: Callable[[Callable, list], list] | None = None
+    shards: int = 0
 
     def require_calibration(self, pass_name: str):
         """The calibration data, or a clear error naming the pass that needs it."""
@@ -319,6 +329,23 @@ def registered_passes() -> dict[str, type[Pass]]:
 def presets() -> dict[str, tuple[str, str]]:
     load_builtin_passes()
     return dict(sorted(_PRESETS.items()))
+
+
+def pass_source(cls: type[Pass]) -> str:
+    """Where a pass is written: ``passes/<module>.py`` (or ``passes/<package>/__init__.py``)
+    for a built-in pass, as the repository lays it out; the module name for a plugin."""
+    import sys
+    from pathlib import Path
+
+    library = sys.modules.get("onnxopt.passes")
+    module = sys.modules.get(cls.__module__)
+    if library is None or module is None or not getattr(module, "__file__", None):
+        return cls.__module__
+    root = Path(library.__file__).resolve().parent
+    try:
+        return (Path("passes") / Path(module.__file__).resolve().relative_to(root)).as_posix()
+    except ValueError:
+        return cls.__module__
 
 
 def get_pass(name: str) -> type[Pass]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -83,7 +83,8 @@ class PassManager:
     """Runs a pipeline (string, preset name or parsed steps) over models.
 
     ``verify_each`` needs onnxruntime to run the model: ``feeds`` (or ``shapes`` for
-    generated feeds) say what to run it on.
+    generated feeds) say what to run it on. ``feeds`` also reach the passes (the context's
+    ``feeds``, unless the context has its own).
     """
 
     def __init__(self, pipeline: str | Sequence[Step] = "default", *,
@@ -105,10 +106,13 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         """Run every step over ``model`` (mutated in place)."""
         self._summary = None  # the model's figures after the last pass: the next one's "before"
+        ctx = ctx or PassContext()
+        if ctx.feeds is None and self.feeds is not None:
+            ctx = replace(ctx, feeds=self.feeds)
         self._state = object()  # the model's state; a new one after every change
         try:
             with gc_paused():
-                return self._run(model, ctx or PassContext())
+                return self._run(model, ctx)
         finally:
             model.settle(None)
 

@@ -19,6 +19,7 @@ declare_passes(__name__, {
     "fold-constants": "fold_constants",
     "fp16": "fp16",
     "fuse": "fuse",
+    "inline-if": "inline_if",
     "materialize": "materialize",
     "merge-neurons": "merge_neurons",
     "prune-channels": "prune_channels",
@@ -30,7 +31,7 @@ declare_passes(__name__, {
 
 register_preset(
     "default",
-    "[fold-constants,eliminate-noops,fold-batchnorm,fuse,dedup-weights,cse,dead-nodes]",
+    "[fold-constants,inline-if,eliminate-noops,fold-batchnorm,fuse,dedup-weights,cse,dead-nodes]",
     "the exact clean-up passes, run to a fixed point",
 )
 

@@ -1,45 +1,32 @@
 """fold-constants: evaluate what does not depend on the model's inputs.
 
 A node whose inputs are all constant computes the same tensor on every run: it is
-evaluated once here and replaced by that tensor. The same holds for shape arithmetic
-once shapes are inferred: ``Shape(x)`` is constant where ``x``'s dimensions are static,
-and so is a ``Gather``/``Slice`` picking only static dimensions out of it — but a
-dynamic dimension is never frozen. A ``Reshape`` target assembled from the data's own
-dimensions (``Concat(Shape(x)[0:2], [-1])``, Paddle's and PyTorch's way of writing
-"keep the batch") becomes a constant with 0 (copy) entries, so the chain goes away
-while the dimensions stay dynamic. Constant nodes become initializers.
+evaluated once here and replaced by that tensor. The same holds for shape arithmetic over
+static dimensions (``Shape(x)``, and a ``Gather``/``Slice`` picking only static dimensions
+out of it) — a dynamic dimension is never frozen: a ``Reshape`` target assembled from the
+data's own dimensions becomes a constant with 0 (copy) entries. Constant nodes become
+initializers. Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`.
 
-Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`: inference on the graph itself,
-never declared value_info or output shapes (exporters declare shapes that the graph does
-not compute), nothing inside Loop/Scan bodies, and no dimension spelled ``-1`` or ``?``.
+The folded values are the ones onnxruntime computes (the model is validated and served
+on onnxruntime): nodes that only move, select, cast or do integer arithmetic on values are
+evaluated with numpy (:mod:`onnxopt.numpy_eval`), which gives the same values to the bit
+without importing the runtime; every other node runs on onnxruntime, one single-node
+session per node signature, reused across nodes.
 
-The folded values are the ones onnxruntime computes: the model is validated and served
-on onnxruntime. Nodes that only move, select, cast or do integer arithmetic on values
-(shape arithmetic, reshaped and sliced weights) are evaluated with numpy
-(:mod:`onnxopt.numpy_eval`), which gives the same values to the bit without importing
-the runtime; every other node runs on onnxruntime, one single-node session per distinct
-node signature (op, attributes, input types), reused across nodes — it covers every
-standard operator and type the model can run with (the onnx reference evaluator has
-gaps and its own numerics).
+Never folded: other domains than the standard one, non-deterministic ops,
+QuantizeLinear/DequantizeLinear (a quantized weight folded back to float undoes the
+quantization), If/Loop/Scan (their bodies are folded instead), results that are not plain
+numeric tensors, and results that would inflate the file: above ``size_limit`` bytes unless
+no larger than the constant inputs they replace, or adding more than ``grow_limit`` bytes
+beyond the constant inputs only they read — unless the group of folds a result joins (slices
+of a weight joined again into one tensor) adds no more than that as a whole. Two kinds of
+shape values stay computed because onnxruntime checks a constant more strictly than a
+computed value: those reaching an If condition, and those on the way to a Range operand
+that is not a scalar. Each skipped node is counted by reason in the stats.
 
-Never folded: nodes of other domains than the standard one (custom ops are not ours to
-evaluate), non-deterministic ops (Random*, Multinomial, Bernoulli, Dropout),
-QuantizeLinear/DequantizeLinear (folding a quantized weight back to float undoes the
-quantization and hides the Q/DQ pattern onnxruntime runs as int8), If/Loop/Scan (their
-bodies are folded instead, outer-scope constants included), results that are not plain
-numeric tensors (sequences, strings, bfloat16 ...), and results above ``size_limit``
-bytes unless they are no larger than the constant inputs they replace — folding a
-``ConstantOfShape``/``Expand``/``Tile``/``Range`` must not inflate the file. A fold may
-also add at most ``grow_limit`` bytes beyond the constant inputs only it reads: slices of
-one shared weight would otherwise copy bytes the weight still holds (silero-vad grew by
-40 % that way). Sizes are
-checked before evaluating where inference knows the shape, so a huge result is never
-allocated. Each skipped node is counted by reason in the stats and logged at DEBUG.
-
-Initializers listed as graph inputs (IR < 4) are not constant: a user may feed them. IR
-< 4 models cannot hold initializers that are not graph inputs, so there folded values
-stay Constant nodes. A folded tensor that is a graph output keeps its name as the
-output of a Constant node. Nodes and initializers that only fed folded nodes are removed.
+Initializers listed as graph inputs (IR < 4) are not constant: a user may feed them; IR < 4
+models keep folded values as Constant nodes. A folded graph output keeps its name. Nodes and
+initializers that only fed folded nodes are removed.
 """
 
 from __future__ import annotations
@@ -100,9 +87,10 @@ class FoldConstants(Pass):
     options = {
         "size_limit": Opt(int, 1 << 20, "largest folded tensor in bytes, unless no larger than the "
                           "constant inputs it replaces", minimum=0),
-        "grow_limit": Opt(int, 4096, "most bytes one folded node may add to the file: its result "
-                          "minus the constant inputs only it reads (a slice of a shared weight "
-                          "copies bytes the weight still holds)", minimum=0),
+        "grow_limit": Opt(int, 4096, "most bytes one folded node, or one group of linked folds, may "
+                          "add to the file: what it writes minus the constant inputs only it reads "
+                          "(a slice of a shared weight copies bytes the weight still holds)",
+                          minimum=0),
         "shapes": Opt(bool, True, "fold shape arithmetic where inferred dimensions are static"),
         "constant_nodes": Opt(bool, True, "turn Constant nodes into initializers (IR >= 4)"),
         "keep_compact": Opt(bool, True, "leave the compact weight storage of prune-magnitude and "
@@ -177,6 +165,13 @@ class _FoldPlanner:
         self.cone = _condition_cone(graphs) if use_shapes else set()
         self.protected: set[int] = set()  # nodes that expand compact weight storage
         self.grow_limit: int | None = None  # most bytes one fold may add (None: no bound)
+        self.growing: set[int] = set()  # folds refused by the grow rule alone, pending their group
+
+    @cached_property
+    def range_cone(self) -> set[int]:
+        if not any(n.op == "Range" for g in self.graphs for n in g.nodes):
+            return set()
+        return _range_cone(self.graphs, self.index)
 
     @cached_property
     def index(self) -> ShapeIndex:
@@ -230,6 +225,8 @@ class _FoldPlanner:
                     continue
                 if all(self.known(t) for t in node.inputs) and node.inputs and self.needed(node):
                     self._try_fold(node)
+        if self.growing:
+            self._settle_growth()
 
     def skip(self, node: gs.Node, reason: str) -> None:
         self.skipped[f"skipped_{reason}"] += 1
@@ -248,12 +245,10 @@ class _FoldPlanner:
             return self.skip(node, "control_flow")
         if not any(o.name for o in node.outputs):
             return None
-        cap = self.size_limit
         replaced = sum(self.nbytes(t) for t in node.inputs
                        if t.name and len(t.outputs) == 1 and id(t) not in self.outputs)
-        cap = max(cap, replaced)
-        if self.grow_limit is not None:
-            cap = min(cap, replaced + self.grow_limit)
+        cap = max(self.size_limit, replaced)
+        grows = cap if self.grow_limit is None else min(cap, replaced + self.grow_limit)
         estimate = self._estimate(node)
         if estimate is None and node.op in _EXPANDING:
             return self.skip(node, "unknown_size")
@@ -271,10 +266,52 @@ class _FoldPlanner:
             return self.skip(node, "eval_failed")
         if any(r is not None and not _plain(r.dtype) for r in results):
             return self.skip(node, "unsupported_type")
-        if sum(r.nbytes for r in results if r is not None) > cap:
+        made = sum(r.nbytes for r in results if r is not None)
+        if made > cap:
             return self.skip(node, "size_limit")
+        if made > grows:
+            self.growing.add(id(node))  # kept only if its group of folds does not grow the file
         self._record(node, results)
         return None
+
+    def _settle_growth(self) -> None:
+        """Undo the groups of folds (folded nodes linked by the values they pass on) that
+        hold a fold refused by the grow rule and add more than ``grow_limit`` bytes: what
+        the group writes (values read by a node left in place, or graph outputs) less the
+        constants only the group reads. The folds of such a group that depend on a refused
+        one go with it (their inputs would not exist)."""
+        groups: dict[int, list[gs.Node]] = {}
+        root: dict[int, int] = {}
+        for node in self.folded.values():  # decision order: producers before consumers
+            links = {root[id(p)] for t in node.inputs for p in t.inputs if id(p) in root}
+            key = min(links) if links else id(node)
+            for other in links - {key}:
+                for n in groups.pop(other):
+                    root[id(n)] = key
+                    groups.setdefault(key, []).append(n)
+            root[id(node)] = key
+            groups.setdefault(key, []).append(node)
+        for members in groups.values():
+            inside = {id(n) for n in members}
+            if not inside & self.growing:
+                continue
+            written = sum(int(self.values[id(t)].nbytes) for n in members for t in n.outputs
+                          if id(t) in self.values and (id(t) in self.outputs or
+                                                       any(id(c) not in inside for c in t.outputs)))
+            read = {id(t): t for n in members for t in n.inputs if t.name and id(t) not in self.values}
+            freed = sum(self.nbytes(t) for t in read.values() if id(t) not in self.outputs
+                        and all(id(c) in inside for c in t.outputs))
+            if written - freed <= self.grow_limit:
+                continue
+            undone = set(self.growing & inside)
+            for n in members:
+                if id(n) in undone or any(id(p) in undone for t in n.inputs for p in t.inputs):
+                    undone.add(id(n))
+                    self.skip(n, "size_limit")
+                    del self.folded[id(n)]
+                    self.shape_folded.discard(id(n))
+                    for t in n.outputs:
+                        self.values.pop(id(t), None)
 
     def _record(self, node: gs.Node, results: list[np.ndarray | None], shape: bool = False) -> None:
         for t, r in zip(node.outputs, results):
@@ -332,6 +369,9 @@ class _FoldPlanner:
             if shape is not None and id(node) in self.cone:
                 self.skip(node, "if_condition")
                 return True
+            if shape is not None and id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
+                return True
             if shape is not None and self.needed(node):
                 self._record(node, [np.array(int(np.prod(shape, dtype=np.int64)), np.int64)], shape=True)
                 return True
@@ -357,6 +397,9 @@ class _FoldPlanner:
                 return True
             if id(node) in self.cone:
                 self.skip(node, "if_condition")
+                return True
+            if id(node) in self.range_cone:
+                self.skip(node, "range_operand_not_scalar")
                 return True
             self._record(node, [result.value()], shape=True)
         else:
@@ -493,8 +536,21 @@ def _condition_cone(graphs: list[gs.Graph]) -> set[int]:
     Range fed a 1-element vector inside a branch) would stop loading. Folding constant
     nodes changes nothing there (onnxruntime folds them too), but a value that only
     shape inference makes constant must not reach a condition."""
+    return _cone([n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs])
+
+
+def _range_cone(graphs: list[gs.Graph], index: ShapeIndex) -> set[int]:
+    """ids of the nodes that a Range operand of rank other than 0 depends on. Range takes
+    scalars; onnxruntime accepts a one-element vector computed from a shape, but refuses to
+    load a stored one where its shape inference can read it (e.g. inside a branch)."""
+    return _cone([t for g in graphs for n in g.nodes if n.op == "Range"
+                  for t in n.inputs[:3] if t.name and index.rank(t) != 0])
+
+
+def _cone(starts: list[gs.Tensor]) -> set[int]:
+    """ids of the nodes that the tensors ``starts`` depend on."""
     cone: set[int] = set()
-    stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs]
+    stack = list(starts)
     while stack:
         t = stack.pop()
         for p in t.inputs:

@@ -73,98 +73,122 @@ class Fp16(Pass):
         graph = work.graph
         toposort(graph)
         index = ShapeIndex(work)
-        names = NameAllocator(work)
-
-        def is_f32(t: gs.Tensor) -> bool:
-            if not t.name:
-                return False
-            dt = index.dtype(t)
-            dt = dt if dt is not None else t.dtype
-            try:
-                return dt is not None and np.dtype(dt) == np.float32
-            except TypeError:
-                return False
-
-        kept: dict[str, int] = {}
-        converted: list[gs.Node] = []
-        chosen: set[int] = set()
-        for node in graph.nodes:
-            if node.op == "Constant":
-                continue  # its value is read where it is used (converted constants are copies)
-            if node.op == "Cast":
-                # only int/bool -> float Casts move to float16; float casts are boundaries
-                src = node.inputs[0] if node.inputs else None
-                if int(node.attrs.get("to", 0)) != onnx.TensorProto.FLOAT or src is None or is_f32(src) \
-                        or (isinstance(src, gs.Variable) and src.dtype == np.float16):
-                    continue
-            elif not any(is_f32(t) for t in node.outputs):
-                # float32 inputs only (Shape, comparisons ...): follow the producers
-                ins = [t for i, t in enumerate(node.inputs) if is_f32(t) and (node.op, i) not in _FP32_INPUTS]
-                if not ins or not all(const_value(t) is not None or (len(t.inputs) == 1 and id(t.inputs[0]) in chosen)
-                                      for t in ins):
-                    continue
-            reason = None
-            if node.domain not in (None, "", "ai.onnx"):
-                reason = "op of another domain"
-            elif node_subgraphs(node):
-                reason = "holds a subgraph"
-            elif node.op in block:
-                reason = f"{node.op} is in the block list"
-            elif any(t.name and t.dtype is None and index.info(t) is None for t in node.outputs):
-                reason = "unknown output type"
-            if reason:
-                kept[reason] = kept.get(reason, 0) + 1
-                log.debug("fp16: %s (%s) stays float32: %s", node.name, node.op, reason)
-                continue
-            converted.append(node)
-            chosen.add(id(node))
+        converted, kept = _select(graph, index, block)
         if not converted:
             return PassResult(False, {"converted": 0, "kept_fp32": kept})
+        writer = _HalfWriter(index, NameAllocator(work))
+        writer.retype_outputs(graph, converted)
+        writer.retype_inputs(converted)
+        graph.nodes.extend(writer.new_nodes)
+        prune_unused(work, writer.replaced)
+        toposort(graph)
+        stats = {"converted": len(converted), "kept_fp32": kept, "casts": writer.casts,
+                 "constants_converted": writer.consts, "clamped_values": writer.clamped,
+                 "underflow_values": writer.underflow}
+        model.restore(work)
+        return PassResult(True, stats)
 
+
+def _is_f32(t: gs.Tensor, index: ShapeIndex) -> bool:
+    if not t.name:
+        return False
+    dt = index.dtype(t)
+    dt = dt if dt is not None else t.dtype
+    try:
+        return dt is not None and np.dtype(dt) == np.float32
+    except TypeError:
+        return False
+
+
+def _select(graph: gs.Graph, index: ShapeIndex, block: set[str]) -> tuple[list[gs.Node], dict[str, int]]:
+    """The main-graph nodes that compute in float16 (graph order), and the count of each
+    reason a float32 node stays float32."""
+    kept: dict[str, int] = {}
+    converted: list[gs.Node] = []
+    chosen: set[int] = set()
+    for node in graph.nodes:
+        if node.op == "Constant":
+            continue  # its value is read where it is used (converted constants are copies)
+        if node.op == "Cast":
+            # only int/bool -> float Casts move to float16; float casts are boundaries
+            src = node.inputs[0] if node.inputs else None
+            if int(node.attrs.get("to", 0)) != onnx.TensorProto.FLOAT or src is None or _is_f32(src, index) \
+                    or (isinstance(src, gs.Variable) and src.dtype == np.float16):
+                continue
+        elif not any(_is_f32(t, index) for t in node.outputs):
+            # float32 inputs only (Shape, comparisons ...): follow the producers
+            ins = [t for i, t in enumerate(node.inputs) if _is_f32(t, index) and (node.op, i) not in _FP32_INPUTS]
+            if not ins or not all(const_value(t) is not None or (len(t.inputs) == 1 and id(t.inputs[0]) in chosen)
+                                  for t in ins):
+                continue
+        reason = None
+        if node.domain not in (None, "", "ai.onnx"):
+            reason = "op of another domain"
+        elif node_subgraphs(node):
+            reason = "holds a subgraph"
+        elif node.op in block:
+            reason = f"{node.op} is in the block list"
+        elif any(t.name and t.dtype is None and index.info(t) is None for t in node.outputs):
+            reason = "unknown output type"
+        if reason:
+            kept[reason] = kept.get(reason, 0) + 1
+            log.debug("fp16: %s (%s) stays float32: %s", node.name, node.op, reason)
+            continue
+        converted.append(node)
+        chosen.add(id(node))
+    return converted, kept
+
+
+class _HalfWriter:
+    """Moves the chosen nodes to float16: their float32 outputs become float16 tensors,
+    their float constants float16 copies, and Casts join float16 and float32 where they
+    meet. Keeps the nodes it adds, the constants it replaces and the counts."""
+
+    def __init__(self, index: ShapeIndex, names: NameAllocator):
+        self.index = index
+        self.names = names
+        self.new_nodes: list[gs.Node] = []
+        self.replaced: list[gs.Tensor] = []
+        self.half_const: dict[int, gs.Constant] = {}
+        self.to_half: dict[int, gs.Tensor] = {}
+        self.half_of: dict[int, gs.Variable] = {}
+        self.clamped = self.underflow = self.consts = self.casts = 0
+
+    def const(self, t: gs.Tensor) -> gs.Constant:
+        """The float16 copy of float32 constant ``t``; out-of-range values are clamped."""
+        if id(t) not in self.half_const:
+            v = np.asarray(const_value(t), dtype=np.float32)
+            big = np.abs(v) > FP16_MAX
+            self.clamped += int(np.sum(big & np.isfinite(v)))
+            small = (v != 0) & (np.abs(v) < FP16_TINY)
+            self.underflow += int(np.sum(small))
+            h = np.asarray(np.clip(v, -FP16_MAX, FP16_MAX), dtype=np.float16)
+            self.half_const[id(t)] = gs.Constant(self.names(f"{t.name}_fp16"), values=h)
+            self.consts += 1
+        return self.half_const[id(t)]
+
+    def cast_to_half(self, t: gs.Tensor) -> gs.Tensor:
+        """``t`` cast to float16 (one Cast per tensor)."""
+        if id(t) not in self.to_half:
+            out = gs.Variable(self.names(f"{t.name}_fp16"), dtype=np.float16)
+            self.new_nodes.append(gs.Node("Cast", self.names(f"{t.name}_Cast"),
+                                          attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[t], outputs=[out]))
+            self.to_half[id(t)] = out
+            self.casts += 1
+        return self.to_half[id(t)]
+
+    def retype_outputs(self, graph: gs.Graph, converted: list[gs.Node]) -> None:
+        """Outputs of converted nodes become float16 tensors; float32 readers and graph
+        outputs read them through a Cast that keeps the original tensor."""
         conv_ids = {id(n) for n in converted}
-        clamped = underflow = consts = 0
-        casts = 0
-        half_const: dict[int, gs.Constant] = {}
-        to_half: dict[int, gs.Tensor] = {}
-        new_nodes: list[gs.Node] = []
-        replaced: list[gs.Tensor] = []
-
-        def half_of_const(t: gs.Tensor) -> gs.Constant:
-            nonlocal clamped, underflow, consts
-            if id(t) not in half_const:
-                v = np.asarray(const_value(t), dtype=np.float32)
-                big = np.abs(v) > FP16_MAX
-                clamped += int(np.sum(big & np.isfinite(v)))
-                small = (v != 0) & (np.abs(v) < FP16_TINY)
-                underflow += int(np.sum(small))
-                h = np.asarray(np.clip(v, -FP16_MAX, FP16_MAX), dtype=np.float16)
-                half_const[id(t)] = gs.Constant(names(f"{t.name}_fp16"), values=h)
-                consts += 1
-            return half_const[id(t)]
-
-        def cast(t: gs.Tensor, to_fp16: bool) -> gs.Tensor:
-            nonlocal casts
-            cache = to_half
-            if id(t) not in cache:
-                out = gs.Variable(names(f"{t.name}_fp16" if to_fp16 else f"{t.name}_fp32"),
-                                  dtype=np.float16 if to_fp16 else np.float32)
-                new_nodes.append(gs.Node("Cast", names(f"{t.name}_Cast"),
-                                         attrs={"to": onnx.TensorProto.FLOAT16 if to_fp16 else onnx.TensorProto.FLOAT},
-                                         inputs=[t], outputs=[out]))
-                cache[id(t)] = out
-                casts += 1
-            return cache[id(t)]
-
-        # 1. Outputs of converted nodes become float16 tensors; float32 readers get a Cast.
         graph_outs = {id(t) for t in graph.outputs}
-        half_of: dict[int, gs.Variable] = {}
         for node in converted:
             for k, t in enumerate(node.outputs):
-                if not is_f32(t):
+                if not _is_f32(t, self.index):
                     continue
-                h = gs.Variable(names(f"{t.name}_fp16"), dtype=np.float16)
+                h = gs.Variable(self.names(f"{t.name}_fp16"), dtype=np.float16)
                 node.outputs[k] = h
-                half_of[id(t)] = h
+                self.half_of[id(t)] = h
                 readers32 = [c for c in t.outputs if id(c) not in conv_ids or _fp32_position(c, t)]
                 for c in list(t.outputs):
                     if id(c) in conv_ids:
@@ -172,32 +196,28 @@ class Fp16(Pass):
                             if x is t and (c.op, i) not in _FP32_INPUTS:
                                 c.inputs[i] = h
                 if readers32 or id(t) in graph_outs:
-                    new_nodes.append(gs.Node("Cast", names(f"{t.name}_Cast"), attrs={"to": onnx.TensorProto.FLOAT},
-                                             inputs=[h], outputs=[t]))
-                    casts += 1
-        # 2. Inputs of converted nodes: constants in float16, float32 tensors cast.
+                    self.new_nodes.append(gs.Node("Cast", self.names(f"{t.name}_Cast"),
+                                                  attrs={"to": onnx.TensorProto.FLOAT}, inputs=[h], outputs=[t]))
+                    self.casts += 1
+
+    def retype_inputs(self, converted: list[gs.Node]) -> None:
+        """Inputs of converted nodes: constants become float16 copies, other float32
+        tensors are cast; a converted Cast to float32 now casts to float16."""
         for node in converted:
             if node.op == "BatchNormalization":
-                replaced.extend(_normalize_batchnorm(node, names))
+                self.replaced.extend(_normalize_batchnorm(node, self.names))
             for i, t in enumerate(node.inputs):
                 if not t.name or (node.op, i) in _FP32_INPUTS:
                     continue
                 if isinstance(t, gs.Variable) and t.dtype == np.float16:
                     continue
                 if const_value(t) is not None and np.asarray(const_value(t)).dtype == np.float32:
-                    node.inputs[i] = half_of_const(t)
-                    replaced.append(t)
-                elif is_f32(t) and id(t) not in half_of:
-                    node.inputs[i] = cast(t, True)
+                    node.inputs[i] = self.const(t)
+                    self.replaced.append(t)
+                elif _is_f32(t, self.index) and id(t) not in self.half_of:
+                    node.inputs[i] = self.cast_to_half(t)
             if node.op == "Cast" and int(node.attrs.get("to", 0)) == onnx.TensorProto.FLOAT:
                 node.attrs["to"] = onnx.TensorProto.FLOAT16
-        graph.nodes.extend(new_nodes)
-        prune_unused(work, replaced)
-        toposort(graph)
-        stats = {"converted": len(converted), "kept_fp32": kept, "casts": casts, "constants_converted": consts,
-                 "clamped_values": clamped, "underflow_values": underflow}
-        model.restore(work)
-        return PassResult(True, stats)
 
 
 def _fp32_position(node: gs.Node, t: gs.Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""Helpers for tests: models from ONNX text, running a pass, comparing on onnxruntime.
+"""Helpers for tests: models from ONNX text (with weights from numpy), running a pass,
+comparing on onnxruntime (equal outputs, or their cosine similarity).
 
 Import them as ``from tests.helpers import parse, run_pass, assert_same_outputs``.
 """
@@ -7,14 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx.parser
 import pytest
 
 from onnxopt import Model
 from onnxopt.data import random_feeds
 from onnxopt.framework import PassContext, PassResult, get_pass
-from onnxopt.validate import compare_outputs, run_model
+from onnxopt.graph import const_value
+from onnxopt.validate import compare_outputs, make_session, run_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +28,45 @@ def parse(text: str) -> Model:
     proto = onnx.parser.parse_model(text)
     onnx.checker.check_model(proto)
     return Model.from_proto(proto)
+
+
+def with_weights(model: Model | str, **weights: np.ndarray) -> Model:
+    """``model`` with the named tensors holding the given values, as a new Model.
+
+    ``model`` is a Model (left alone) or ONNX text. In text, a graph input named in
+    ``weights`` (or a name a node reads that nothing defines) becomes an initializer holding
+    the value, so that the picture stays readable
+    while numpy supplies the numbers; unnamed nodes are named after their first output. A
+    constant of that name (initializer or Constant-node value, in any graph) takes the value
+    in its own dtype. A name that is neither is an error: a typo would otherwise test nothing.
+    """
+    left = dict(weights)
+    if isinstance(model, str):
+        proto = onnx.parser.parse_model(model)
+        g = proto.graph
+        for node in g.node:
+            node.name = node.name or node.output[0]
+        produced = {o for node in g.node for o in node.output} | {t.name for t in g.initializer}
+        read = {i for node in g.node for i in node.input}
+        inputs = {i.name for i in g.input} | (read - produced)
+        keep = [i for i in g.input if i.name not in left]
+        del g.input[:]
+        g.input.extend(keep)
+        for name in [n for n in left if n in inputs]:
+            g.initializer.append(onnx.numpy_helper.from_array(np.asarray(left.pop(name)), name))
+        onnx.checker.check_model(proto)
+        out = Model.from_proto(proto)
+    else:
+        out = model.copy()
+    found = set()
+    for t in out.constants():
+        if t.name in left:
+            t.values = np.asarray(left[t.name], dtype=const_value(t).dtype)
+            found.add(t.name)
+    missing = sorted(set(left) - found)
+    if missing:
+        raise KeyError(f"no graph input or constant named {missing}")
+    return out
 
 
 class Ran:
@@ -60,6 +103,30 @@ def assert_same_outputs(ref: Model, cand: Model, feeds: dict | None = None, *, s
         m = compare_outputs(name, a[name], b[name], exact=True, rtol=rtol, atol=atol)
         assert m.passed, f"{name}: {m.reason}"
     return b
+
+
+def cosine(ref: Model, cand: Model, feeds: dict | list[dict], *, each_feed: bool = False) -> float:
+    """How close ``cand``'s outputs are to ``ref``'s on onnxruntime: the cosine similarity of
+    each float output, its values over all the feeds taken as one vector (float64), and the
+    lowest of those over the outputs. Two all-zero outputs count as 1, one as 0.
+    ``each_feed``: the lowest over the feeds too (each feed's outputs their own vectors),
+    for bounds that every single input must meet."""
+    feeds_list = [feeds] if isinstance(feeds, dict) else list(feeds)
+    if each_feed:
+        return min(cosine(ref, cand, f) for f in feeds_list)
+    a_sess, b_sess = make_session(ref), make_session(cand)
+    names = [o.name for o in a_sess.get_outputs()]
+    sums: dict[str, np.ndarray] = {}  # output -> (a.b, a.a, b.b)
+    for f in feeds_list:
+        for name, a, b in zip(names, a_sess.run(names, f), b_sess.run(names, f)):
+            if a.dtype.kind != "f":
+                continue
+            a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+            sums[name] = sums.get(name, np.zeros(3)) + [a @ b, a @ a, b @ b]
+    if not sums:
+        raise ValueError("no float output to compare")
+    return float(min(ab / np.sqrt(aa * bb) if aa * bb > 0 else float(aa == bb)
+                     for ab, aa, bb in sums.values()))
 
 
 def io_signature(model: Model) -> tuple:

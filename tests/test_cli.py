@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -172,6 +173,23 @@ def test_optimize_is_deterministic(tmp_path, model_path, capsys):
     assert _run(capsys, "optimize", model_path, "-o", a, "-q", "--runs", "0")[0] == 0
     assert _run(capsys, "optimize", model_path, "-o", b, "-q", "--runs", "0")[0] == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_passes_name_the_file_that_holds_each_pass(capsys):
+    """A pass name in `onnxopt passes` leads to its file in one step."""
+    from onnxopt.framework import registered_passes
+
+    code, out, _ = _run(capsys, "passes", "--json")
+    sources = {p["name"]: p["source"] for p in json.loads(out)["passes"]}
+    assert code == 0 and sources["dead-nodes"] == "passes/dead_nodes.py"
+    assert sources["quantize"] == "passes/quantize/__init__.py"
+    root = Path(__file__).resolve().parent.parent
+    for name in registered_passes():
+        path = root / sources[name]
+        assert path.is_file(), name
+        assert f'name = "{name}"' in path.read_text()
+    code, out, _ = _run(capsys, "passes")
+    assert code == 0 and "passes/dead_nodes.py" in out
 
 
 def test_passes_and_inspect(tmp_path, model_path, capsys):

@@ -12,25 +12,11 @@ import onnx
 import pytest
 from onnx import helper
 
-ROWS, COLS, TABLES = 200_000, 1_024, 3  # 3 tables x 819 MB = 2.46 GB
+from tests.large_model import COLS, ROWS, TABLES, write_tables
 
 
 def _write_large_model(folder):
-    data = folder / "big.onnx.data"
-    inits = []
-    with open(data, "wb") as f:
-        chunk_rows = 10_000
-        for t in range(TABLES):
-            offset = f.tell()
-            for start in range(0, ROWS, chunk_rows):
-                block = (np.arange(start, start + chunk_rows, dtype=np.float32)[:, None] * (t + 1)
-                         + np.arange(COLS, dtype=np.float32)[None, :] / COLS)
-                f.write(block.tobytes())
-            tensor = onnx.TensorProto(name=f"table{t}", data_type=onnx.TensorProto.FLOAT, dims=[ROWS, COLS])
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                tensor.external_data.add(key=k, value=v)
-            inits.append(tensor)
+    _, inits = write_tables(folder)
     nodes = [helper.make_node("Gather", [f"table{t}", "idx"], [f"g{t}"]) for t in range(TABLES)]
     nodes += [helper.make_node("Sum", [f"g{t}" for t in range(TABLES)], ["y"]),
               helper.make_node("Neg", ["g0"], ["dead"])]

@@ -16,28 +16,13 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-ROWS, COLS, TABLES = 200_000, 1_024, 3  # 3 tables x 819 MB = 2.46 GB
+from tests.large_model import COLS, ROWS, TABLES, table_block, write_tables
+
 PIPELINE = "[dead-nodes,fold-constants,eliminate-noops,fuse]"
 
 
-def _table_block(t: int, start: int, stop: int) -> np.ndarray:
-    return (np.arange(start, stop, dtype=np.float32)[:, None] * (t + 1)
-            + np.arange(COLS, dtype=np.float32)[None, :] / COLS)
-
-
 def _write(folder) -> tuple:
-    data = folder / "big.onnx.data"
-    inits = []
-    with open(data, "wb") as f:
-        for t in range(TABLES):
-            offset = f.tell()
-            for start in range(0, ROWS, 10_000):
-                f.write(_table_block(t, start, start + 10_000).tobytes())
-            tensor = onnx.TensorProto(name=f"table{t}", data_type=onnx.TensorProto.FLOAT, dims=[ROWS, COLS])
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                tensor.external_data.add(key=k, value=v)
-            inits.append(tensor)
+    data, inits = write_tables(folder)
     c1 = np.linspace(0, 1, COLS, dtype=np.float32)
     inits += [numpy_helper.from_array(c1, "c1"), numpy_helper.from_array(2 * c1, "c2"),
               numpy_helper.from_array(np.array(1.0, np.float32), "one")]
@@ -54,7 +39,7 @@ def _write(folder) -> tuple:
     path = folder / "big.onnx"
     path.write_bytes(model.SerializeToString())
     idx = np.array([3, ROWS - 1], np.int64)
-    expected = sum(np.stack([_table_block(t, i, i + 1)[0] for i in idx]) for t in range(TABLES)) + 3 * c1
+    expected = sum(np.stack([table_block(t, i, i + 1)[0] for i in idx]) for t in range(TABLES)) + 3 * c1
     return path, idx, expected, data.stat().st_size
 
 

@@ -39,6 +39,17 @@ class _Breaker(Pass):
         return PassResult(True)
 
 
+class _FeedSpy(Pass):
+    """Reports the names of the feeds its context carries (None when it has none)."""
+
+    name = "test-feed-spy"
+    summary = "reports the context's feeds (tests only)"
+    options = {}
+
+    def run(self, model, ctx):
+        return PassResult(False, {"feeds": None if ctx.feeds is None else sorted(ctx.feeds)})
+
+
 class _Raiser(Pass):
     name = "test-raiser"
     summary = "raises half-way (tests only)"
@@ -51,10 +62,10 @@ class _Raiser(Pass):
 
 @pytest.fixture(autouse=True)
 def _test_passes():
-    for cls in (_CountDown, _Breaker, _Raiser):
+    for cls in (_CountDown, _Breaker, _Raiser, _FeedSpy):
         register(cls)
     yield
-    for cls in (_CountDown, _Breaker, _Raiser):
+    for cls in (_CountDown, _Breaker, _Raiser, _FeedSpy):
         framework._PASSES.pop(cls.name, None)
 
 
@@ -106,3 +117,26 @@ def test_a_raising_pass_without_verify_names_itself():
     model = Model.from_proto(builders.mlp())
     with pytest.raises(PassFailed, match="pass 'test-raiser' failed: boom"):
         PassManager("test-raiser").run(model)
+
+
+def test_the_manager_gives_its_feeds_to_the_passes_unless_the_context_has_its_own():
+    import numpy as np
+
+    model = Model.from_proto(builders.mlp())
+    feeds = {"input": np.zeros((1, 64), np.float32)}
+    assert PassManager("test-feed-spy").run(model).records[0].stats["feeds"] is None
+    assert PassManager("test-feed-spy", feeds=feeds).run(model).records[0].stats["feeds"] == ["input"]
+    own = PassContext(feeds={"other": np.zeros(1)})
+    assert PassManager("test-feed-spy", feeds=feeds).run(model, own).records[0].stats["feeds"] == ["other"]
+
+
+def test_optimize_gives_the_validation_feeds_to_the_passes():
+    import numpy as np
+
+    import onnxopt
+
+    feeds = {"input": np.zeros((2, 64), np.float32)}
+    _, report = onnxopt.optimize(builders.mlp(), "test-feed-spy", feeds=feeds, runs=0)
+    assert report.passes[0]["stats"]["feeds"] == ["input"]
+    _, report = onnxopt.optimize(builders.mlp(), "test-feed-spy", runs=0)
+    assert report.passes[0]["stats"]["feeds"] is None  # validation generates its own

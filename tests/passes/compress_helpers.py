@@ -1,6 +1,6 @@
 """Helpers for the compression tests: weights written into ONNX text, a two-layer model
-with given weights, weight values read back, onnxruntime's optimized graph, and models
-with given dense weights."""
+with given weights, weight values read back, onnxruntime's optimized graph, and
+bit-identical outputs (models with given dense weights: ``tests.helpers.with_weights``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt import Model
-from onnxopt.graph import const_value
 from onnxopt.weights.sites import find_weights
 from tests.helpers import parse
 
@@ -82,15 +81,6 @@ def decoder_nodes(model: Model) -> int:
     return len({id(n) for s in sites for n in s.cone if n.op != "Constant"})
 
 
-def with_weights(model: Model, new: dict[str, np.ndarray]) -> Model:
-    """A copy of ``model`` whose initializers named in ``new`` hold the given values."""
-    out = model.copy()
-    for t in out.constants():
-        if t.name in new:
-            t.values = np.asarray(new[t.name], dtype=const_value(t).dtype)
-    return out
-
-
 def run(model: Model, feeds: dict) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -100,11 +90,12 @@ def run(model: Model, feeds: dict) -> list[np.ndarray]:
 
 def assert_identical_outputs(a: Model, b: Model, feeds: dict) -> None:
     """Both models give bit-identical outputs on onnxruntime."""
-    for x, y in zip(run(a, feeds), run(b, feeds)):
+    assert_identical(run(a, feeds), run(b, feeds))
+
+
+def assert_identical(xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
+    """The arrays are bit-identical, pair by pair (shape, dtype and bytes)."""
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
         assert x.shape == y.shape and x.dtype == y.dtype
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"max diff {np.abs(x - y).max()}"
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -9,7 +9,16 @@ import pytest
 from models import builders
 from models.fetch import light_models
 from onnxopt import Model
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
+from tests.helpers import (
+    REAL_MODEL_NAMES,
+    assert_same_outputs,
+    io_signature,
+    node_count,
+    ops,
+    parse,
+    real_model,
+    run_pass,
+)
 
 F32 = np.float32
 HEAD = '<ir_version: 9, opset_import: ["" : 18]>'
@@ -164,19 +173,17 @@ def test_builders_lose_their_identity_and_dropout():
     assert_same_outputs(model, ran.model, shapes={"input": (2, 3, 16, 16)})
 
 
-@pytest.mark.parametrize("name", ["ppocr-det", "ppocr-rec", "ppocr-cls"])
-def test_real_models_stay_equivalent(name):
+@pytest.mark.parametrize("name", REAL_MODEL_NAMES)
+def test_real_models_lose_paddles_noops_once_folded(name):
+    # tests/conformance holds eliminate-noops alone on the real models to the contract.
     model = Model.load(real_model(name))
     folded = run_pass("fold-constants", model).model  # Paddle's operands are Constant nodes
     ran = run_pass("eliminate-noops", folded)
-    assert io_signature(ran.model) == io_signature(model)
     assert node_count(ran.model) <= node_count(folded)
     if name == "ppocr-rec":
         assert ran.stats["removed_Mul"] == 5  # x * 1 from Paddle's scale ops
     if name == "ppocr-cls":
         assert ran.stats["removed_Identity"] == 1  # the final Identity; the output keeps its name
-    assert_same_outputs(model, ran.model, shapes={"x": (1, 3, 48, 96)} if name != "ppocr-det" else
-                        {"x": (1, 3, 64, 64)}, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", light_models(), ids=lambda p: p.stem)

@@ -12,8 +12,16 @@ from models.fetch import light_models
 from onnxopt import Model
 from onnxopt.graph import const_value
 from onnxopt.model import iter_graphs
-from tests.helpers import assert_same_outputs, io_signature, node_count, ops, parse, real_model, run_pass
-from tests.passes.test_quantize import with_weights
+from tests.helpers import (
+    assert_same_outputs,
+    io_signature,
+    node_count,
+    ops,
+    parse,
+    real_model,
+    run_pass,
+    with_weights,
+)
 
 
 def test_folds_conv_batchnorm_and_creates_the_bias():
@@ -278,6 +286,37 @@ def test_operand_that_is_not_constant_stays(op):
     assert not ran.modified and ran.stats["skipped_operand_not_constant"] == 1
 
 
+
+def test_an_operand_reshaped_from_a_constant_folds_and_its_chain_goes():
+    # Paddle writes a per-channel bias as Reshape(vector, [1, C, 1, 1]) next to the Add.
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y)
+        <float[2,2,1,1] w = {1.0, -2.0, 0.5, 3.0}, float[2] k = {0.25, -1.5}>
+        {
+            c = Conv(x, w)
+            shape = Constant<value = int64[4] {1, 2, 1, 1}>()
+            kr = Reshape(k, shape)
+            y = Add(c, kr)
+        }
+    """)
+    ran = run_pass("fold-batchnorm", model)
+    assert ran.stats["add_folded"] == 1 and ran.stats["biases_created"] == 1
+    assert ops(ran.model) == ["Conv"]  # the Reshape and its target went with the Add
+    assert io_signature(ran.model) == io_signature(model)
+    assert_same_outputs(model, ran.model)
+
+
+def test_an_operand_reshaped_to_a_computed_shape_stays():
+    model = parse("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,2,3,3] x, int64[4] shape) => (float[1,2,3,3] y)
+        <float[2,2,1,1] w = {1.0, -2.0, 0.5, 3.0}, float[2] k = {0.25, -1.5}>
+        { c = Conv(x, w)  kr = Reshape(k, shape)  y = Add(c, kr) }
+    """)
+    ran = run_pass("fold-batchnorm", model)
+    assert not ran.modified and ran.stats["skipped_operand_not_constant"] == 1
+
 def test_integer_matmul_stays():
     model = parse("""
         <ir_version: 9, opset_import: ["" : 18]>
@@ -489,11 +528,11 @@ def test_control_flow_builder_is_left_equivalent():
     assert io_signature(ran.model) == io_signature(model)
 
 
-# ---- real models -------------------------------------------------------------------------
+# ---- real models (tests/conformance holds fold-batchnorm alone on them to the contract) --
 
 
 @pytest.mark.parametrize("name, expect", [
-    ("ppocr-cls", {"bn_folded": 35}), ("ppocr-det", {"bn_folded": 3}), ("ppocr-rec", {"bn_folded": 6})])
+    ("ppocr-cls", {"bn_folded": 35, "add_folded": 18}), ("ppocr-det", {"bn_folded": 3}), ("ppocr-rec", {"bn_folded": 6})])
 def test_real_models_fold_their_batchnorms(name, expect):
     model = Model.load(real_model(name))
     ran = run_pass("fold-batchnorm", model)
@@ -501,10 +540,6 @@ def test_real_models_fold_their_batchnorms(name, expect):
         assert ran.stats[key] == value
     assert "BatchNormalization" not in ops(ran.model)
     assert node_count(ran.model) == node_count(model) - ran.stats["nodes_removed"]
-    assert io_signature(ran.model) == io_signature(model)
-    shapes = {"x": (1, 3, 48, 192)} if name != "ppocr-det" else {"x": (1, 3, 96, 128)}
-    assert_same_outputs(model, ran.model, shapes=shapes, rtol=1e-3, atol=1e-4)
-    assert not run_pass("fold-batchnorm", ran.model).modified
 
 
 def test_cnn_builder_folds_every_batchnorm():
@@ -533,11 +568,8 @@ def test_digits_classifier_keeps_its_accuracy():
     assert accuracy(ran.model.to_proto(), x_test, y_test) == accuracy(proto, x_test, y_test)
 
 
-def test_silero_vad_is_left_equivalent():
-    from tests.helpers import silero_feeds
-
+def test_silero_vad_is_left_alone():
     model = Model.load(real_model("silero-vad"))
     ran = run_pass("fold-batchnorm", model)
     assert not ran.modified  # its Conv layers feed Relu, not an affine node
     assert ran.model.to_bytes() == model.to_bytes()
-    assert_same_outputs(model, ran.model, silero_feeds(16000))

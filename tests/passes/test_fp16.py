@@ -9,8 +9,8 @@ import pytest
 
 from onnxopt import Model
 from onnxopt.validate import available_providers, compare_outputs, run_model
-from tests.helpers import io_signature, real_model, run_pass
-from tests.passes.test_quantize import RNG, with_weights
+from tests.helpers import io_signature, real_model, run_pass, with_weights
+from tests.passes.test_quantize import RNG
 
 
 def casts(model: Model) -> list:

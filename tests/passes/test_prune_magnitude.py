@@ -16,7 +16,7 @@ from models.ocr import ocr_feeds
 from onnxopt import Model, PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
-from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass
+from tests.helpers import REAL_MODEL_NAMES, io_signature, parse, real_model, run_pass, with_weights
 from tests.passes.compress_helpers import (
     assert_identical_outputs,
     decoder_nodes,
@@ -25,7 +25,6 @@ from tests.passes.compress_helpers import (
     two_layer_mlp,
     values,
     weights,
-    with_weights,
 )
 
 RNG = np.random.default_rng(7)
@@ -66,7 +65,7 @@ def test_zeroes_the_smallest_weights_of_each_layer_and_stores_them_sparsely():
     # weights compute, on stock onnxruntime.
     bias = next(t for t in ran.model.constants() if t.name == "b0")
     assert np.array_equal(bias.values, np.linspace(-1, 1, 24).astype(np.float32))
-    assert_identical_outputs(ran.model, with_weights(model, expected), feeds())
+    assert_identical_outputs(ran.model, with_weights(model, **expected), feeds())
     assert io_signature(ran.model) == io_signature(model)
     assert "ScatterElements" not in optimized_ops(ran.model)
 
@@ -153,7 +152,7 @@ def test_n_m_pattern_runs_along_each_ops_input_dimension():
     conv = np.moveaxis(np.abs(w["conv"]), 1, -1).reshape(8, 3, 3, 3, 4)
     kept = np.moveaxis(got["conv"] != 0, 1, -1).reshape(8, 3, 3, 3, 4)
     assert (np.where(kept, conv, np.inf).min(-1) >= np.where(kept, -np.inf, conv).max(-1)).all()
-    assert_identical_outputs(ran.model, with_weights(model, got), {"x": np.ones((1, 12, 5, 5), np.float32)})
+    assert_identical_outputs(ran.model, with_weights(model, **got), {"x": np.ones((1, 12, 5, 5), np.float32)})
 
 
 def test_n_m_mask_keeps_a_short_last_group():
@@ -268,7 +267,7 @@ def test_below_opset_11_prunes_but_stores_densely():
     assert ran.modified and set(storages(ran.model).values()) <= {"dense", "dense-idx"}
     assert not {"ScatterElements", "BitShift", "CumSum"} & {n.op for n in ran.model.graph.nodes}  # opset 11 ops
     assert ran.stats["weights_zeroed"] == 2 * round(0.9 * 768)
-    assert_identical_outputs(ran.model, with_weights(model, weights(ran.model)), feeds())
+    assert_identical_outputs(ran.model, with_weights(model, **weights(ran.model)), feeds())
 
 
 def test_survives_if_and_loop_bodies():
@@ -295,7 +294,7 @@ def test_survives_if_and_loop_bodies():
     assert all(np.array_equal(got[k], v) for k, v in expected.items())
     assert io_signature(ran.model) == io_signature(model)
     x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
-    reference = with_weights(model, expected)
+    reference = with_weights(model, **expected)
     for c in (True, False):
         assert_identical_outputs(ran.model, reference, {"c": np.array(c), "x": x})
     onnx.checker.check_model(ran.model.to_proto(), full_check=True)
@@ -337,7 +336,7 @@ def test_dense_storage_keeps_plain_tensors_with_zeros():
     compact = run_pass("prune-magnitude", model, sparsity=0.5, min_size=0).model
     plain = run_pass("prune-magnitude", compact, sparsity=0.75, min_size=0, storage="dense")
     assert storages(plain.model) == {"w0": "dense", "w1": "dense"}
-    assert_identical_outputs(plain.model, with_weights(model, expected), feeds())
+    assert_identical_outputs(plain.model, with_weights(model, **expected), feeds())
 
 
 def test_a_threshold_above_every_weight_empties_the_layer():
@@ -346,6 +345,6 @@ def test_a_threshold_above_every_weight_empties_the_layer():
     assert ran.stats["sparsity"] == 1.0
     assert all(not v.any() for v in weights(ran.model).values())
     shared = run_pass("share-weights", ran.model, min_size=0)
-    zero = with_weights(model, {"w0": np.zeros_like(W0), "w1": np.zeros_like(W1)})
+    zero = with_weights(model, w0=np.zeros_like(W0), w1=np.zeros_like(W1))
     for m in (ran.model, shared.model):
         assert_identical_outputs(m, zero, feeds())

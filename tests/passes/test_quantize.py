@@ -9,31 +9,16 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
-from onnxopt.passes.quantize_fusion import analyze_fusion
+from onnxopt.passes.quantize.fusion import analyze_fusion
+from onnxopt.passes.quantize.plan import select_weight_layers
 
-from onnxopt import Model
+from onnxopt import Model, PassManager
 from onnxopt.errors import CalibrationError, PipelineError
-from onnxopt.framework import PassContext
+from onnxopt.framework import PassContext, get_pass
 from onnxopt.graph import const_value
+from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import compare_outputs, make_session, run_model
-from tests.helpers import io_signature, run_pass
-
-
-def with_weights(text: str, **arrays: np.ndarray) -> Model:
-    """A model from ONNX text whose graph inputs named in ``arrays`` become initializers
-    holding those values (the text stays readable; the weights come from numpy). Nodes
-    are named after their first output."""
-    proto = onnx.parser.parse_model(text)
-    g = proto.graph
-    for node in g.node:
-        node.name = node.name or node.output[0]
-    keep = [i for i in g.input if i.name not in arrays]
-    del g.input[:]
-    g.input.extend(keep)
-    for name, value in arrays.items():
-        g.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
-    onnx.checker.check_model(proto)
-    return Model.from_proto(proto)
+from tests.helpers import cosine, io_signature, run_pass, with_weights
 
 
 def calib(model: Model, n: int = 16, seed: int = 0, **shapes) -> list[dict]:
@@ -44,15 +29,6 @@ def calib(model: Model, n: int = 16, seed: int = 0, **shapes) -> list[dict]:
 def ctx_for(model: Model, data) -> PassContext:
     return PassContext(reference=model, calibration=data)
 
-
-def cosine(ref: Model, cand: Model, feeds_list) -> float:
-    worst = 1.0
-    for feeds in feeds_list:
-        a, b = run_model(ref, feeds), run_model(cand, feeds)
-        for name in a:
-            m = compare_outputs(name, a[name], b[name], exact=False)
-            worst = min(worst, m.cosine if m.cosine is not None else 1.0)
-    return worst
 
 
 def ops(model: Model) -> list[str]:
@@ -122,7 +98,7 @@ def test_static_conv_places_qdq_where_onnxruntime_fuses_and_stays_close():
     assert s["quantized_ops"]["Conv"] == 2 and s["weights_quantized"] == 2
     assert s["fused_fraction"] == 1.0 and s["integer_kernels"]["QLinearConv"] == 2
     assert io_signature(ran.model) == io_signature(CONV)
-    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 4, 16, 16))) > 0.99
+    assert cosine(CONV, ran.model, calib(CONV, 4, seed=9, x=(2, 4, 16, 16)), each_feed=True) > 0.99
 
 
 def test_a_conv_over_an_rgb_image_stays_float_unless_asked():
@@ -141,7 +117,7 @@ def test_a_conv_over_an_rgb_image_stays_float_unless_asked():
     assert producer(second.inputs[1]).op == "DequantizeLinear"
     assert ran.stats["quantized_ops"]["Conv"] == 1 and ran.stats["fused_fraction"] == 1.0
     assert any(k.startswith("few input channels") for k in ran.stats["skipped"])
-    assert cosine(rgb, ran.model, calib(rgb, 2, seed=9, x=(2, 3, 16, 16))) > 0.99
+    assert cosine(rgb, ran.model, calib(rgb, 2, seed=9, x=(2, 3, 16, 16)), each_feed=True) > 0.99
     both = run_pass("quantize", rgb, ctx_for(rgb, cal), min_in_channels=1)
     assert both.stats["quantized_ops"]["Conv"] == 2 and both.stats["integer_kernels"]["QLinearConv"] == 2
 
@@ -169,7 +145,7 @@ def test_matmul_with_bias_add_per_channel_does_not_raise_and_fuses_to_qgemm():
     adds = [n for n in ran.model.graph.nodes if n.op == "Add"]
     assert all(np.asarray(const_value(producer(a.inputs[1]).inputs[0])).dtype == np.int32 for a in adds)
     assert ran.stats["integer_kernels"] == {"QGemm": 2} and ran.stats["fused_fraction"] == 1.0
-    assert cosine(MLP, ran.model, calib(MLP, 4, seed=3, x=(8, 32))) > 0.99
+    assert cosine(MLP, ran.model, calib(MLP, 4, seed=3, x=(8, 32)), each_feed=True) > 0.99
 
 
 def test_three_d_matmul_keeps_a_float_bias_and_fuses_to_matmulintegertofloat():
@@ -211,7 +187,7 @@ def test_affine_ops_are_folded_first_reading_operands_through_shape_ops():
     assert [c.op for c in conv.outputs[0].outputs] == ["Relu"]
     assert [c.op for c in next(n for n in ran.model.graph.nodes if n.op == "Relu").outputs[0].outputs] \
         == ["QuantizeLinear"]
-    assert cosine(model, ran.model, calib(model, 4, seed=5, x=(2, 4, 8, 8))) > 0.99
+    assert cosine(model, ran.model, calib(model, 4, seed=5, x=(2, 4, 8, 8)), each_feed=True) > 0.99
 
 
 def test_dynamic_shapes_ragged_calibration():
@@ -340,6 +316,41 @@ def test_bad_options_are_typed_errors(options, message):
         run_pass("quantize", CONV, ctx_for(CONV, CONV_CAL), **options)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "weight-only", "bits": 5}, "must be 4 or 8"),
+    ({"mode": "weight-only", "bits": 6}, "must be 4 or 8"),
+    ({"mode": "weight-only", "block_size": 48}, "power of two"),
+    ({"mode": "dynamic", "activations": "s8"}, "mode=dynamic"),
+    ({"mode": "dynamic", "profile": "tensorrt"}, "profile=tensorrt"),
+    ({"mode": "weight-only", "profile": "tensorrt"}, "profile=tensorrt"),
+    ({"mode": "dynamic", "bias_correction": "true"}, "bias_correction"),
+    ({"mode": "weight-only", "bias_correction": "true"}, "bias_correction"),
+    ({"op_types": "Conv;Relu"}, "Relu cannot be quantized with profile=ort-cpu"),
+    ({"op_types": "ConvTranspose"}, "ConvTranspose cannot be quantized with profile=ort-cpu"),
+    ({"mode": "weight-only", "op_types": "Gemm"}, "Gemm cannot be quantized with mode=weight-only"),
+])
+def test_option_combinations_are_refused_when_the_pass_is_constructed(options, message):
+    with pytest.raises(PipelineError, match=message):
+        get_pass("quantize")(**options)
+    spec = ",".join(f"{k}={v}" for k, v in options.items())
+    with pytest.raises(PipelineError, match=message):
+        PassManager(f"dead-nodes,quantize({spec})")  # the whole pipeline is checked before any pass runs
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "weight-only", "bits": 8, "block_size": 64},
+    {"mode": "static", "bits": 5, "block_size": 48},  # weight-only options, not read by static
+    {"mode": "dynamic", "activations": "u8"},
+    {"mode": "static", "profile": "tensorrt", "activations": "u8"},  # a note at run time, not an error
+    {"mode": "static", "profile": "tensorrt", "op_types": ["ConvTranspose"]},
+    {"mode": "dynamic", "op_types": ["LSTM"]},
+    {"mode": "static", "bias_correction": True},
+])
+def test_option_combinations_that_work_are_accepted(options):
+    quantize = get_pass("quantize")(**options)
+    assert all(quantize.opts[k] == v for k, v in options.items())
+
+
 def test_exclusions_by_op_type_name_and_pattern():
     by_op = run_pass("quantize", MLP, ctx_for(MLP, MLP_CAL), exclude="MatMul")
     assert not by_op.modified
@@ -425,7 +436,7 @@ def test_opset_below_13_is_converted_for_per_channel_weights():
     assert ran.stats["opset"] == "11 -> 13" and ran.stats["per_channel"] is True
     assert ran.model.opset_imports[""] == 13
     make_session(ran.model)  # loads: no "Unrecognized attribute: axis for DequantizeLinear"
-    assert cosine(OLD, ran.model, CONV_CAL[:2]) > 0.99
+    assert cosine(OLD, ran.model, CONV_CAL[:2], each_feed=True) > 0.99
 
 
 def test_opset_below_13_falls_back_to_per_tensor_when_asked():
@@ -461,7 +472,7 @@ def test_tensorrt_profile_follows_the_explicit_quantization_rules():
             assert readers <= {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add"}
         if node.op == "Add":  # residual Add: both inputs quantized
             assert all(producer(t).op == "DequantizeLinear" for t in node.inputs)
-    assert cosine(CONV, m, CONV_CAL[:2]) > 0.98
+    assert cosine(CONV, m, CONV_CAL[:2], each_feed=True) > 0.98
 
 
 # --------------------------------------------------------------------------------------
@@ -473,7 +484,7 @@ def test_dynamic_mode_needs_no_calibration_and_fuses():
     ran = run_pass("quantize", MLP, PassContext(reference=MLP), mode="dynamic")
     assert ran.modified and "DynamicQuantizeLinear" in ops(ran.model) and "MatMulInteger" in ops(ran.model)
     assert ran.stats["integer_kernels"] == {"DynamicQuantizeMatMul": 2} and ran.stats["fused_fraction"] == 1.0
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.99
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.99
 
 
 def test_weight_only_int4_matmulnbits():
@@ -482,7 +493,54 @@ def test_weight_only_int4_matmulnbits():
     node = next(n for n in ran.model.graph.nodes if n.op == "MatMulNBits")
     assert node.domain == "com.microsoft" and node.attrs["bits"] == 4 and node.attrs["K"] == 32
     assert np.asarray(const_value(node.inputs[1])).shape == (64, 2, 8)  # N, blocks, 16 values in 8 bytes
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.98
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.98
+
+
+WEIGHT_LAYERS = with_weights("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[4, 32] x, float[32, 4] k) => (float[4, 32] y, float[4, 4] s)
+    {
+        h = MatMul(x, w1)
+        y = Gemm <alpha = 0.5> (h, w2)
+        s = MatMul(x, k)
+    }
+""", w1=RNG.standard_normal((32, 32)).astype(np.float32) / 6, w2=RNG.standard_normal((32, 32)).astype(np.float32) / 6)
+WEIGHT_LAYERS_FEEDS = [{"x": RNG.standard_normal((4, 32)).astype(np.float32),
+                        "k": RNG.standard_normal((32, 4)).astype(np.float32)}]
+
+
+@pytest.mark.parametrize("options, skipped", [
+    ({"mode": "dynamic"}, {"Gemm with transA or alpha != 1": 1,
+                           "second operand is not a constant (activation x activation)": 1}),
+    ({"mode": "weight-only", "block_size": 16},
+     {"second operand is not a constant (activation x activation)": 1}),
+])
+def test_weight_modes_choose_constant_weight_layers_and_say_why_others_stay_float(options, skipped):
+    ran = run_pass("quantize", WEIGHT_LAYERS, PassContext(reference=WEIGHT_LAYERS), **options)
+    assert ran.modified and ran.stats["quantized"] == 1 and ran.stats["quantized_ops"] == {"MatMul": 1}
+    assert ran.stats["skipped"] == skipped
+    gemm = next(n for n in ran.model.graph.nodes if n.op == "Gemm")
+    assert const_value(gemm.inputs[1]) is not None  # the declined Gemm keeps its float weight
+    assert io_signature(ran.model) == io_signature(WEIGHT_LAYERS)
+    assert cosine(WEIGHT_LAYERS, ran.model, WEIGHT_LAYERS_FEEDS, each_feed=True) > 0.98
+
+
+def test_weight_layer_selection_says_which_op_a_mode_cannot_rewrite():
+    """The pass refuses such op_types when it is constructed; the plan, called directly,
+    still says why the layer stays float."""
+    chosen, skipped = select_weight_layers(WEIGHT_LAYERS.copy(), ShapeIndex(WEIGHT_LAYERS), mode="weight-only",
+                                           op_types=["MatMul", "Gemm"])
+    assert len(chosen) == 1
+    assert skipped == {"Gemm is not supported by mode=weight-only": 1,
+                       "second operand is not a constant (activation x activation)": 1}
+
+
+def test_weight_modes_skip_first_keeps_the_first_layer_float():
+    ran = run_pass("quantize", WEIGHT_LAYERS, PassContext(reference=WEIGHT_LAYERS), mode="dynamic",
+                   skip_first=True, exclude=["y"])
+    assert not ran.modified
+    assert ran.stats["skipped"] == {"first layer kept in float (skip_first)": 1, "excluded by the user": 1,
+                                    "second operand is not a constant (activation x activation)": 1}
 
 
 def test_weight_only_block_dequantize_is_opset_21():
@@ -491,7 +549,7 @@ def test_weight_only_block_dequantize_is_opset_21():
     assert ran.model.opset_imports[""] == 21
     dq = next(n for n in ran.model.graph.nodes if n.op == "DequantizeLinear")
     assert dq.attrs == {"axis": 0, "block_size": 16}
-    assert cosine(MLP, ran.model, MLP_CAL[:4]) > 0.98
+    assert cosine(MLP, ran.model, MLP_CAL[:4], each_feed=True) > 0.98
 
 
 # --------------------------------------------------------------------------------------
@@ -517,13 +575,13 @@ def test_accuracy_guard_keeps_the_sensitive_layer_float_and_reports_it():
     model = outlier_mlp()
     data = calib(model, 16, x=(4, 16))
     plain = run_pass("quantize", model, ctx_for(model, data))
-    assert cosine(model, plain.model, data[:4]) < 0.9  # collapsed
+    assert cosine(model, plain.model, data[:4], each_feed=True) < 0.9  # collapsed
     guarded = run_pass("quantize", model, ctx_for(model, data), min_cosine=0.99)
     g = guarded.stats["guard"]
     assert g["met"] and g["cosine"] >= 0.99 and g["cosine_before"] < 0.9
     assert [f["name"] for f in g["float_layers"]] and all(f["sensitivity"] > 0 for f in g["float_layers"])
     assert guarded.stats["quantized"] >= 1  # not everything was given up
-    assert cosine(model, guarded.model, data[:4]) >= 0.99
+    assert cosine(model, guarded.model, data[:4], each_feed=True) >= 0.99
 
 
 def test_guard_with_top1_bound():
@@ -569,4 +627,4 @@ def test_dynamic_mode_quantizes_lstm_weights():
     assert node.domain == "com.microsoft" and ran.stats["quantized_ops"] == {"LSTM": 1}
     assert np.asarray(const_value(node.inputs[1])).shape == (1, inp, 4 * hidden)  # transposed int8 W
     feeds = [{"x": RNG.standard_normal((5, 2, inp)).astype(np.float32)} for _ in range(3)]
-    assert cosine(model, ran.model, feeds) > 0.99
+    assert cosine(model, ran.model, feeds, each_feed=True) > 0.99

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnxopt.passes.quantize_calibrate import (
+from onnxopt.passes.quantize.calibrate import (
     METHODS,
     ChannelMeans,
     RangeObserver,

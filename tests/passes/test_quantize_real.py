@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnxopt.passes.quantize_fusion import analyze_fusion
+from onnxopt.passes.quantize.fusion import analyze_fusion
 
 from models.fetch import light_models
 from models.ocr import cls_labels, ctc_decode, mask_iou, ocr_feeds
@@ -17,26 +17,8 @@ from models.transformer import token_feeds, transformer
 from onnxopt import Model
 from onnxopt.framework import PassContext
 from onnxopt.graph import const_value
-from onnxopt.validate import available_providers, compare_outputs, make_session, run_model
-from tests.helpers import io_signature, real_model, run_pass
-
-
-def cosine_over(ref: Model, cand: Model, feeds_list) -> float:
-    """Cosine of every float output over all the samples, the worst output."""
-    a_s, b_s = make_session(ref), make_session(cand)
-    names = [o.name for o in a_s.get_outputs()]
-    dots = np.zeros(len(names))
-    na = np.zeros(len(names))
-    nb = np.zeros(len(names))
-    for feeds in feeds_list:
-        for k, (a, b) in enumerate(zip(a_s.run(names, feeds), b_s.run(names, feeds))):
-            if a.dtype.kind == "f":
-                a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-                dots[k] += a @ b
-                na[k] += a @ a
-                nb[k] += b @ b
-    return float(min(d / np.sqrt(x * y) for d, x, y in zip(dots, na, nb) if x > 0))
-
+from onnxopt.validate import available_providers, compare_outputs, run_model
+from tests.helpers import cosine, io_signature, real_model, run_pass
 
 OCR = ["ppocr-det", "ppocr-rec", "ppocr-cls"]
 _cache: dict = {}
@@ -70,7 +52,7 @@ def test_ppocr_det_keeps_its_text_mask():
         ref, got = run_model(model, f), run_model(ran.model, f)
         key = next(iter(ref))
         assert mask_iou(ref[key], got[key]) > 0.8
-    assert cosine_over(model, ran.model, feeds) > 0.95
+    assert cosine(model, ran.model, feeds) > 0.95
 
 
 def test_ppocr_cls_keeps_its_accuracy_on_labelled_lines():
@@ -116,7 +98,7 @@ def test_tensorrt_profile_on_ppocr_det_passes_the_checker_and_the_rules():
         assert np.asarray(const_value(dq_w.inputs[0])).dtype == np.int8
         assert dq_w.attrs.get("axis") == (0 if conv.op == "Conv" else 1)
     feeds = ocr_feeds("ppocr-det", 1, seed=5)
-    assert cosine_over(model, ran.model, feeds) > 0.9
+    assert cosine(model, ran.model, feeds) > 0.9
 
 
 def test_minilm_padded_ragged_batches_quantize_fuse_and_stay_close():
@@ -127,7 +109,7 @@ def test_minilm_padded_ragged_batches_quantize_fuse_and_stay_close():
     assert s["fused_fraction"] >= 0.95 and s["quantized_ops"]["MatMul"] >= 18
     assert s["float_tensors_nonfinite"] >= 1  # masked scores stay float
     assert io_signature(ran.model) == io_signature(model)
-    assert cosine_over(model, ran.model, token_feeds(4, batch=2, seed=9)) > 0.99
+    assert cosine(model, ran.model, token_feeds(4, batch=2, seed=9)) > 0.99
 
 
 def test_digits_loses_at_most_half_a_point_of_accuracy():
@@ -170,7 +152,7 @@ def test_accuracy_guard_reaches_cosine_099_on_ppocr(name):
     ran = run_pass("quantize", model, PassContext(reference=model, calibration=cal), min_cosine=0.99)
     g = ran.stats["guard"]
     assert g["met"] and g["cosine"] >= 0.99
-    assert cosine_over(model, ran.model, cal[:8]) >= 0.99
+    assert cosine(model, ran.model, cal[:8]) >= 0.99
 
 
 @pytest.mark.parametrize("preset", ["int8", "int8-tensorrt"])
@@ -195,7 +177,7 @@ def test_int8_presets_clean_up_before_quantizing_ppocr_cls(preset):
     assert report.passed
     assert io_signature(q) == io_signature(model)
     onnx.checker.check_model(q.to_proto(), full_check=True)
-    assert cosine_over(model, q, [{"x": x[i:i + 1]} for i in range(1, 4)]) > 0.99
+    assert cosine(model, q, [{"x": x[i:i + 1]} for i in range(1, 4)]) > 0.99
     assert len(q.graph.nodes) < len(model.graph.nodes)
 
 

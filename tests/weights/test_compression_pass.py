@@ -10,7 +10,8 @@ from onnxopt import PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.framework import get_pass
 from onnxopt.weights.compression_pass import Decision, WeightCompressionPass, selection_options
-from tests.passes.compress_helpers import assert_identical_outputs, storages, weights, with_weights
+from tests.helpers import with_weights
+from tests.passes.compress_helpers import assert_identical_outputs, storages, weights
 from tests.weights.helpers import mlp
 
 
@@ -69,7 +70,7 @@ def test_run_writes_the_decided_values_and_reports_per_layer(rng):
     assert rows["w0"]["extra"] == 1 and rows["w0"]["storage"] == "dense-idx"
     assert stats["total"]["original_file_bytes"] == len(model.to_bytes())
     feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32)}
-    assert_identical_outputs(out, with_weights(model, halves), feeds)
+    assert_identical_outputs(out, with_weights(model, **halves), feeds)
 
 
 def test_run_without_writes_changes_nothing(rng):

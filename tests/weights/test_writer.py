@@ -8,7 +8,7 @@ import pytest
 
 from onnxopt.weights.storage_plan import plan_storage
 from onnxopt.weights.writer import StorageWriter
-from tests.helpers import parse
+from tests.helpers import parse, with_weights
 from tests.passes import compress_helpers as compress
 from tests.weights.helpers import mlp, write
 
@@ -27,7 +27,7 @@ def test_blocks_decode_exactly_and_onnxruntime_folds_them(opset, rng):
     # onnxruntime computes the weights once, when the session is created.
     assert not set(compress.optimized_ops(out)) & {"ScatterElements", "Gather", "BitShift", "CumSum", "ConstantOfShape", "Split"}
     feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32)}
-    compress.assert_identical_outputs(out, compress.with_weights(model, {"w0": pruned0, "w1": shared1}), feeds)
+    compress.assert_identical_outputs(out, with_weights(model, w0=pruned0, w1=shared1), feeds)
     assert out.to_bytes() == write(model, {"w0": pruned0, "w1": shared1}).to_bytes()  # deterministic
 
 

@@ -1,32 +1,26 @@
-"""Placement for the ``quantize`` pass family: which ops get QuantizeLinear/DequantizeLinear,
-decided on the graph before anything is rewritten.
+"""Placement for the ``quantize`` pass: which ops get QuantizeLinear/DequantizeLinear,
+and which layers the dynamic and weight-only modes rewrite, decided on the graph before
+anything is rewritten.
 
 A :class:`Unit` is one op that will run quantized: the inputs that get a
 DequantizeLinear (activations, a weight, an int32 bias), an optional Relu/Clip tail and
-the tensor whose QuantizeLinear ends it. Two profiles:
+the tensor whose QuantizeLinear ends it; a :class:`QuantizePlan` is every unit of a
+static quantization. Two profiles:
 
 ``ort-cpu`` places Q/DQ exactly where onnxruntime's CPU provider fuses them into integer
-kernels (its QDQ selectors): Conv → QLinearConv (output quantized; a Relu/Clip right after
-is absorbed), MatMul → MatMulIntegerToFloat or QLinearMatMul, Gemm (and MatMul + bias Add
-on 2-D inputs, with the bias as int32) → QGemm. Depthwise convolutions (measured 3-4x
-slower in onnxruntime's int8 kernel than in its float NCHWc one; ``depthwise=true``
-quantizes them anyway), convolutions over 1x1 maps (squeeze-excitation: nothing to
-gain, and the float op after them would end up sandwiched in Q/DQ) and convolutions over
-fewer than ``min_in_channels`` input channels (an RGB image's first layer: a reduction of
-27 products is too short for the int8 kernel to win, and the image would have to be
-quantized first; measured on PP-OCR det: 1.48x -> 1.57x over fp32) stay float. Cheap ops
-that onnxruntime also runs on
-8-bit data (Add, Mul, pooling, Concat, Sigmoid, Softmax, LeakyRelu; Reshape, Transpose,
-MaxPool, Resize ... which keep the input's scale) are quantized only where that saves
-conversions — alone or as a connected group (x * Sigmoid(x)): an op whose neighbours are
-int8 runs int8 rather than paying a DequantizeLinear before it and a QuantizeLinear after
-it; an op between float neighbours stays float. No Q/DQ pair is left around an op that
-would run in float anyway; the fused fraction (``quantize_fusion``) checks it.
+kernels (its QDQ selectors): Conv → QLinearConv (a Relu/Clip right after is absorbed),
+MatMul → MatMulIntegerToFloat or QLinearMatMul, Gemm (and MatMul + bias Add on 2-D
+inputs, the bias as int32) → QGemm. Convolutions that the CPU provider runs faster in
+float stay float: depthwise ones (unless ``depthwise=true``), those over 1x1 maps
+(squeeze-excitation) and those over fewer than ``min_in_channels`` input channels (an
+image's first layer). Cheap ops that onnxruntime also runs on 8-bit data (Add, Mul,
+pooling, Concat, Sigmoid, Softmax; Reshape, Transpose, MaxPool ... which keep the input's
+scale) are quantized only where that saves conversions, alone or as a connected group
+(x * Sigmoid(x)): no Q/DQ pair is left around an op that would run in float anyway.
 
-``tensorrt`` follows NVIDIA's explicit-quantization placement for TensorRT: symmetric
-int8 (zero point 0) Q/DQ on the activation inputs of Conv, ConvTranspose, Gemm and MatMul,
-per-channel int8 weights through DequantizeLinear, both inputs of residual Adds, float
-biases, no quantized outputs (TensorRT propagates scales itself).
+``tensorrt`` follows NVIDIA's explicit-quantization placement: symmetric int8 Q/DQ on the
+activation inputs of Conv, ConvTranspose, Gemm and MatMul, per-channel int8 weights, both
+inputs of residual Adds, float biases, no quantized outputs (TensorRT propagates scales).
 """
 
 from __future__ import annotations
@@ -40,9 +34,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import const_value
+from onnxopt.model import iter_graphs
 from onnxopt.tensorinfo import ShapeIndex
 
-__all__ = ["PROFILES", "Unit", "Plan", "PlanContext", "make_plan", "matches", "cheap_unit", "tail_of", "COMPUTE_OPS"]
+__all__ = ["PROFILES", "Unit", "QuantizePlan", "PlanContext", "make_plan", "matches", "cheap_unit", "tail_of",
+           "COMPUTE_OPS", "calibration_tensors", "select_weight_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +79,7 @@ class Unit:
 
 
 @dataclass
-class Plan:
+class QuantizePlan:
     """Every decision of a quantization, before any rewrite."""
 
     profile: str
@@ -298,7 +294,7 @@ def make_plan(model, index: ShapeIndex, *, profile: str, per_channel: bool,
               symmetric: bool, exclude: Iterable[str] = (), op_types: Iterable[str] | None = None,
               skip_first: bool = False, skip_last: bool = False,
               excluded: frozenset[int] = frozenset(), cheap: bool = True, depthwise: bool = False,
-              min_in_channels: int = 1) -> Plan:
+              min_in_channels: int = 1) -> QuantizePlan:
     """Decide where Q/DQ go. ``index`` is the shape index of ``model``; ``excluded``
     holds ids of nodes to keep in float (the accuracy guard, fusion pruning); ``exclude``
     are the user's patterns."""
@@ -307,7 +303,7 @@ def make_plan(model, index: ShapeIndex, *, profile: str, per_channel: bool,
     ctx = PlanContext(graph, index, opset)
     exclude = list(exclude)
     compute_ops = tuple(op_types) if op_types else COMPUTE_OPS[profile]
-    plan = Plan(profile, [], symmetric)
+    plan = QuantizePlan(profile, [], symmetric)
 
     def skip(node: gs.Node, reason: str) -> None:
         plan.skipped[reason] = plan.skipped.get(reason, 0) + 1
@@ -367,9 +363,37 @@ def make_plan(model, index: ShapeIndex, *, profile: str, per_channel: bool,
     return plan
 
 
-def _subgraph_nodes(graph: gs.Graph) -> list[gs.Node]:
-    from onnxopt.model import iter_graphs
+def calibration_tensors(model, index: ShapeIndex, plan: QuantizePlan) -> list[str]:
+    """Names of every activation tensor that ``plan``, or a plan of the same model with
+    some layers kept in float, might quantize: what calibration must observe."""
+    names: dict[str, None] = {}
+    for t in plan.act_tensors():
+        names[t.name] = None
+    ctx = PlanContext(model.graph, index, int(model.opset_imports.get("", 13)))
 
+    def add_output(out: gs.Tensor) -> None:
+        tail = tail_of(out, ctx)
+        if tail and ctx.is_float_act(tail[0].outputs[0]):
+            names[tail[0].outputs[0].name] = None
+
+    for u in plan.units:
+        out = u.node.outputs[0]
+        if ctx.is_float_act(out):
+            names[out.name] = None
+        add_output(out)
+    if plan.profile == "ort-cpu":
+        for node in model.graph.nodes:
+            cu = cheap_unit(node, ctx)
+            if cu is None:
+                continue
+            for i in cu.act_inputs:
+                names[node.inputs[i].name] = None
+            names[node.outputs[0].name] = None
+            add_output(node.outputs[0])
+    return list(names)
+
+
+def _subgraph_nodes(graph: gs.Graph) -> list[gs.Node]:
     return [n for g in iter_graphs(graph) if g is not graph for n in g.nodes]
 
 
@@ -563,3 +587,86 @@ def _set_output(u: Unit, units: dict[int, Unit], ctx: PlanContext) -> None:
     u.out = tail[0].outputs[0] if tail else out
     if ctx.dtype(u.out) not in (None, np.dtype(np.float32)):
         u.out = None
+
+
+# --------------------------------------------------------------------------------------
+# Dynamic and weight-only modes: which layers get quantized weights
+# --------------------------------------------------------------------------------------
+
+#: Ops each weight mode rewrites (``op_types`` narrows them).
+WEIGHT_MODE_OPS = {"dynamic": ("MatMul", "Gemm", "LSTM"), "weight-only": ("MatMul",)}
+
+
+def select_weight_layers(model, index: ShapeIndex, *, mode: str, op_types: Iterable[str] | None,
+                         exclude: Iterable[str] = (), skip_first: bool = False,
+                         skip_last: bool = False) -> tuple[list[str], dict[str, int]]:
+    """The names of the main-graph layers that ``mode`` (``dynamic`` or ``weight-only``)
+    rewrites, in graph order, and the count of each reason another layer of the chosen op
+    types stays float. ``index`` is the shape index of ``model``."""
+    graph = model.graph
+    ctx = PlanContext(graph, index, int(model.opset_imports.get("", 13)))
+    supported = WEIGHT_MODE_OPS[mode]
+    wanted = tuple(op_types) if op_types else supported
+    exclude = list(exclude)
+    skipped: dict[str, int] = {}
+    chosen: list[str] = []
+    cands = [n for n in graph.nodes if n.op in ("MatMul", "Gemm", "Conv", "LSTM", "GRU")]
+    firsts = {cands[0].name} if cands and skip_first else set()
+    lasts = {cands[-1].name} if cands and skip_last else set()
+    for n in cands:
+        if n.op not in wanted:
+            continue
+        if n.op not in supported:
+            reason = f"{n.op} is not supported by mode={mode}"
+        elif n.op == "LSTM":
+            reason = _lstm_reason(n, ctx)
+        elif n.name in firsts:
+            reason = "first layer kept in float (skip_first)"
+        elif n.name in lasts:
+            reason = "last layer kept in float (skip_last)"
+        elif matches(n, exclude):
+            reason = "excluded by the user"
+        else:
+            reason = _weight_reason(n, ctx)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.debug("quantize: %s kept in float: %s", n.name, reason)
+        else:
+            chosen.append(n.name)
+    for n in _subgraph_nodes(graph):
+        if n.op in wanted:
+            skipped["inside a subgraph"] = skipped.get("inside a subgraph", 0) + 1
+    return chosen, skipped
+
+
+def _weight_reason(node: gs.Node, ctx: PlanContext) -> str | None:
+    """Why a MatMul/Gemm cannot have its weight quantized offline, or None."""
+    if not ctx.is_float_act(node.inputs[0]):
+        return "input is not a float32 activation"
+    w = const_value(node.inputs[1])
+    if w is None:
+        return "second operand is not a constant (activation x activation)"
+    if np.asarray(w).dtype != np.float32:
+        return "weight is not float32"
+    if np.asarray(w).ndim != 2:
+        return "weight is not 2-D"
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0:
+            return "Gemm with transA or alpha != 1"
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            if float(node.attrs.get("beta", 1.0)) != 1.0:
+                return "Gemm with beta != 1"
+    return None
+
+
+def _lstm_reason(node: gs.Node, ctx: PlanContext) -> str | None:
+    """Why an LSTM cannot become a DynamicQuantizeLSTM, or None."""
+    if not ctx.is_float_act(node.inputs[0]):
+        return "input is not a float32 activation"
+    for t in node.inputs[1:3]:
+        w = const_value(t)
+        if w is None or np.asarray(w).dtype != np.float32 or np.asarray(w).ndim != 3:
+            return "LSTM weights are not float32 constants"
+    if node.attrs.get("layout", 0) or node.attrs.get("input_forget", 0):
+        return "LSTM with layout=1 or input_forget"
+    return None

@@ -1,9 +1,9 @@
-"""The rewrites of the ``quantize`` pass family: QDQ insertion from a :class:`Plan`
-(static), DynamicQuantizeLinear + MatMulInteger (dynamic), and blockwise weight-only
-MatMul (``MatMulNBits`` or block-quantized DequantizeLinear).
+"""The rewrites of the ``quantize`` pass: QDQ insertion from a :class:`QuantizePlan`
+(static), DynamicQuantizeLinear + MatMulInteger and DynamicQuantizeLSTM (dynamic), and
+blockwise weight-only MatMul (``MatMulNBits`` or block-quantized DequantizeLinear).
 
-Every function here mutates the model it is given: the pass calls them on a working
-copy and adopts the copy only when everything succeeded. Names come from a
+Every function here mutates the model it is given: the pass calls them on a working copy
+and adopts the copy only when everything succeeded. Names come from a
 :class:`~onnxopt.graph.NameAllocator`, so the same model and options give the same bytes.
 """
 
@@ -21,8 +21,8 @@ from onnxopt.graph import NameAllocator, const_value, toposort
 from onnxopt.model import Model
 from onnxopt.rewrite import prune_unused
 
-from .quantize_calibrate import QParams, activation_qparams, weight_scales
-from .quantize_plan import Plan, Unit
+from .calibrate import QParams, activation_qparams, weight_scales
+from .plan import QuantizePlan, Unit
 
 __all__ = ["Applied", "apply_qdq", "apply_dynamic", "apply_dynamic_lstm", "apply_weight_only", "matmulnbits_available",
            "quantize_weight"]
@@ -70,163 +70,214 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, reduce_range: bool = Fal
     return q, scale
 
 
-def apply_qdq(model: Model, plan: Plan, params: dict[int, QParams], names: NameAllocator, *,
+def apply_qdq(model: Model, plan: QuantizePlan, params: dict[int, QParams], names: NameAllocator, *,
               bias_delta: dict[int, np.ndarray] | None = None, reduce_range: bool = False) -> Applied:
     """Insert QuantizeLinear/DequantizeLinear as ``plan`` says, with the activation
     parameters ``params`` (tensor id -> :class:`QParams`). ``bias_delta`` (unit index ->
     per-channel values) is added to float biases before they are quantized."""
-    graph = model.graph
-    applied = Applied()
-    bias_delta = bias_delta or {}
-    src = plan.param_source()
-    act_dtype = np.int8 if plan.symmetric else np.uint8
-    produced_by: dict[int, int] = {id(u.out): i for i, u in enumerate(plan.units) if u.out is not None}
-    consumers: dict[int, list[tuple[int, int]]] = {}
-    for ui, u in enumerate(plan.units):
-        for i in u.act_inputs:
-            consumers.setdefault(id(u.node.inputs[i]), []).append((ui, i))
-    graph_out_ids = {id(t) for t in graph.outputs}
-    new_nodes: list[gs.Node] = []
-    qinfo: dict[int, tuple[gs.Variable, gs.Constant, gs.Constant, QParams]] = {}
-
-    def params_of(t: gs.Tensor) -> QParams:
-        p = params.get(id(src.get(id(t), t)))
-        if p is None:
-            p = params[id(t)]
-        return p
-
+    writer = _QdqWriter(model.graph, plan, params, names, bias_delta or {}, reduce_range)
     for t in plan.act_tensors():
-        p = params_of(t)
+        writer.quantize(t)
+    for ui, u in enumerate(plan.units):
+        writer.dequantize_unit(ui, u)
+    model.graph.nodes.extend(writer.new_nodes)
+    prune_unused(model, writer.released)
+    toposort(model.graph)
+    return writer.applied
+
+
+class _QdqWriter:
+    """One static rewrite in progress: the nodes it adds (joined to the graph at the end),
+    the constants it replaces, the quantized form of each activation, and its figures."""
+
+    def __init__(self, graph: gs.Graph, plan: QuantizePlan, params: dict[int, QParams], names: NameAllocator,
+                 bias_delta: dict[int, np.ndarray], reduce_range: bool):
+        self.plan = plan
+        self.params = params
+        self.names = names
+        self.bias_delta = bias_delta
+        self.reduce_range = reduce_range
+        self.applied = Applied()
+        self.new_nodes: list[gs.Node] = []
+        self.released: list[gs.Tensor] = []
+        self.src = plan.param_source()
+        self.act_dtype = np.int8 if plan.symmetric else np.uint8
+        self.produced_by: dict[int, int] = {id(u.out): i for i, u in enumerate(plan.units) if u.out is not None}
+        self.consumers: dict[int, list[tuple[int, int]]] = {}
+        for ui, u in enumerate(plan.units):
+            for i in u.act_inputs:
+                self.consumers.setdefault(id(u.node.inputs[i]), []).append((ui, i))
+        self.graph_out_ids = {id(t) for t in graph.outputs}
+        self.qinfo: dict[int, tuple[gs.Variable, gs.Constant, gs.Constant, QParams]] = {}
+        self.weight_cache: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant, np.ndarray]] = {}
+
+    def add_dq(self, node: gs.Node, ui: int, role: str) -> None:
+        """Add a DequantizeLinear that plays ``role`` for unit ``ui``."""
+        self.new_nodes.append(node)
+        self.applied.dq_roles[node.name] = (ui, role)
+        self.applied.dequantize_nodes += 1
+
+    def _params_of(self, t: gs.Tensor) -> QParams:
+        p = self.params.get(id(self.src.get(id(t), t)))
+        return self.params[id(t)] if p is None else p
+
+    # ---- activations ---------------------------------------------------------
+
+    def quantize(self, t: gs.Tensor) -> None:
+        """The QuantizeLinear of activation ``t``: right after the unit that produces it,
+        or reading ``t`` where a float op produces it."""
+        names = self.names
+        p = self._params_of(t)
         scale = _const(names, f"{t.name}_scale", np.float32(p.scale))
-        zp = _const(names, f"{t.name}_zero_point", np.array(p.zero_point, dtype=act_dtype))
-        qt = gs.Variable(names(f"{t.name}_quantized"), dtype=act_dtype)
-        ui = produced_by.get(id(t))
+        zp = _const(names, f"{t.name}_zero_point", np.array(p.zero_point, dtype=self.act_dtype))
+        qt = gs.Variable(names(f"{t.name}_quantized"), dtype=self.act_dtype)
+        ui = self.produced_by.get(id(t))
         if ui is not None:
-            u = plan.units[ui]
-            producer = u.tail[-1] if u.tail else u.node
-            pre = gs.Variable(names(f"{t.name}_prequant"), dtype=np.float32)
-            k = next(j for j, o in enumerate(producer.outputs) if o is t)
-            quantized_users = {id(plan.units[c].node) for c, _ in consumers.get(id(t), [])}
-            boundary = id(t) in graph_out_ids or any(id(c) not in quantized_users for c in t.outputs)
-            producer.outputs[k] = pre
-            qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[pre, scale, zp], outputs=[qt])
-            new_nodes.append(qn)
-            applied.q_names[qn.name] = ui
-            if boundary:
-                dn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), inputs=[qt, scale, zp],
-                             outputs=[t])
-                new_nodes.append(dn)
-                applied.dq_roles[dn.name] = (ui, "boundary")
-                applied.dequantize_nodes += 1
-            if u.node.outputs[0] is pre and not u.tail:
-                applied.unit_outputs[ui] = (t.name, pre.name)
+            self._quantize_unit_output(t, ui, qt, scale, zp)
         else:
             qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[t, scale, zp], outputs=[qt])
-            new_nodes.append(qn)
-            applied.q_names[qn.name] = -1
-        applied.quantize_nodes += 1
-        qinfo[id(t)] = (qt, scale, zp, p)
+            self.new_nodes.append(qn)
+            self.applied.q_names[qn.name] = -1
+        self.applied.quantize_nodes += 1
+        self.qinfo[id(t)] = (qt, scale, zp, p)
 
-    weight_cache: dict[tuple[int, int | None], tuple[gs.Constant, gs.Constant, gs.Constant, np.ndarray]] = {}
-    released: list[gs.Tensor] = []
-    for ui, u in enumerate(plan.units):
+    def _quantize_unit_output(self, t: gs.Tensor, ui: int, qt: gs.Variable, scale: gs.Constant,
+                              zp: gs.Constant) -> None:
+        """Quantize the output ``t`` of unit ``ui`` (after its tail); float readers of ``t``
+        and graph outputs read a DequantizeLinear back (a boundary)."""
+        names, applied = self.names, self.applied
+        u = self.plan.units[ui]
+        producer = u.tail[-1] if u.tail else u.node
+        pre = gs.Variable(names(f"{t.name}_prequant"), dtype=np.float32)
+        k = next(j for j, o in enumerate(producer.outputs) if o is t)
+        quantized_users = {id(self.plan.units[c].node) for c, _ in self.consumers.get(id(t), [])}
+        boundary = id(t) in self.graph_out_ids or any(id(c) not in quantized_users for c in t.outputs)
+        producer.outputs[k] = pre
+        qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[pre, scale, zp], outputs=[qt])
+        self.new_nodes.append(qn)
+        applied.q_names[qn.name] = ui
+        if boundary:
+            dn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), inputs=[qt, scale, zp],
+                         outputs=[t])
+            self.add_dq(dn, ui, "boundary")
+        if u.node.outputs[0] is pre and not u.tail:
+            applied.unit_outputs[ui] = (t.name, pre.name)
+
+    # ---- units ---------------------------------------------------------------
+
+    def dequantize_unit(self, ui: int, u: Unit) -> None:
+        """DequantizeLinear for each quantized input of unit ``ui``: activations, constant
+        operands, the weight, and the bias as int32."""
         node = u.node
-        if ui not in applied.unit_outputs:
+        if ui not in self.applied.unit_outputs:
             out = node.outputs[0]
-            applied.unit_outputs[ui] = (out.name, out.name)
+            self.applied.unit_outputs[ui] = (out.name, out.name)
+        in_scale = self._dq_activations(ui, u)
+        self._dq_constants(ui, u)
+        w_scale = self._dq_weight(ui, u, in_scale) if u.weight is not None else None
+        delta = self.bias_delta.get(ui)
+        if u.bias_index is not None or (delta is not None and node.op == "Conv"):
+            self._dq_bias(ui, u, in_scale, w_scale, delta)
+        if u.bias_add is not None and u.bias_add_index is not None:
+            self._dq_bias_add(ui, u, in_scale, w_scale, delta)
+
+    def _dq_activations(self, ui: int, u: Unit) -> float | None:
+        """Read each activation input through a DequantizeLinear; the first one's scale."""
+        node = u.node
         in_scale = None
         for i in u.act_inputs:
             t = node.inputs[i]
-            qt, scale, zp, p = qinfo[id(t)]
+            qt, scale, zp, p = self.qinfo[id(t)]
             in_scale = p.scale if in_scale is None else in_scale
-            d = gs.Variable(names(f"{t.name}_dequantized"), dtype=np.float32)
-            dn = gs.Node("DequantizeLinear", names(f"{node.name or node.op}_DequantizeLinear_in{i}"),
+            d = gs.Variable(self.names(f"{t.name}_dequantized"), dtype=np.float32)
+            dn = gs.Node("DequantizeLinear", self.names(f"{node.name or node.op}_DequantizeLinear_in{i}"),
                          inputs=[qt, scale, zp], outputs=[d])
             node.inputs[i] = d
-            new_nodes.append(dn)
-            applied.dq_roles[dn.name] = (ui, "input")
-            applied.dequantize_nodes += 1
+            self.add_dq(dn, ui, "input")
+        return in_scale
+
+    def _dq_constants(self, ui: int, u: Unit) -> None:
+        """Constant operands of cheap ops, quantized offline with the activations' type."""
+        node, act_dtype = u.node, self.act_dtype
         for i in u.const_inputs:
             old = node.inputs[i]
             c = np.asarray(const_value(old), dtype=np.float32)
             p = activation_qparams(float(c.min()), float(c.max()), act_dtype)
             qc = np.clip(np.round(c / p.scale) + p.zero_point, *_range(act_dtype)).astype(act_dtype)
-            dn, d = _dq(names, old.name, qc, np.float32(p.scale), np.array(p.zero_point, act_dtype), None)
+            dn, d = _dq(self.names, old.name, qc, np.float32(p.scale), np.array(p.zero_point, act_dtype), None)
             node.inputs[i] = d
-            new_nodes.append(dn)
-            applied.dq_roles[dn.name] = (ui, "weight")
-            applied.dequantize_nodes += 1
-            released.append(old)
-        w_scale = None
-        if u.weight is not None:
-            idx, axis = u.weight
-            old = node.inputs[idx]
-            floor = _bias_floor(u, in_scale, bias_delta.get(ui))
-            key = (id(old), axis, None if floor is None else floor.tobytes())
-            if key not in weight_cache:
-                w = np.asarray(const_value(old), dtype=np.float32)
-                q, s = quantize_weight(w, axis, reduce_range=reduce_range, floor=floor)
-                qc = _const(names, f"{old.name}_quantized", q)
-                sc = _const(names, f"{old.name}_scale", s)
-                zc = _const(names, f"{old.name}_zero_point", np.zeros(s.shape, np.int8))
-                weight_cache[key] = (qc, sc, zc, s)
-                applied.weights += 1
-            qc, sc, zc, s = weight_cache[key]
-            w_scale = s
-            d = gs.Variable(names(f"{old.name}_dequantized"), dtype=np.float32)
-            attrs = {"axis": int(axis)} if axis is not None else {}
-            dn = gs.Node("DequantizeLinear", names(f"{node.name or node.op}_DequantizeLinear_w"),
-                         attrs=attrs, inputs=[qc, sc, zc], outputs=[d])
-            node.inputs[idx] = d
-            new_nodes.append(dn)
-            applied.dq_roles[dn.name] = (ui, "weight")
-            applied.dequantize_nodes += 1
-            released.append(old)
-        delta = bias_delta.get(ui)
-        if u.bias_index is not None or (delta is not None and node.op == "Conv"):
-            channels = _channels(u, w_scale)
-            if u.bias_index is not None:
-                old = node.inputs[u.bias_index]
-                b = np.asarray(const_value(old), np.float64).reshape(-1)
-                released.append(old)
-                hint = old.name
-            else:
-                b = np.zeros(channels)
-                hint = f"{node.name or node.op}_bias"
-            if b.size == 1 and channels > 1:
-                b = np.full(channels, float(b[0]))
-            if delta is not None and delta.shape == b.shape:
-                b = b + delta
-            dn, d, clipped = _int32_bias(names, hint, b, in_scale, w_scale)
-            applied.bias_clipped += clipped
-            while len(node.inputs) < 2:
-                node.inputs.append(gs.Variable.empty())
-            if len(node.inputs) > 2:
-                node.inputs[2] = d
-            else:
-                node.inputs.append(d)
-            new_nodes.append(dn)
-            applied.dq_roles[dn.name] = (ui, "bias")
-            applied.dequantize_nodes += 1
-        if u.bias_add is not None and u.bias_add_index is not None:
-            add = u.bias_add
-            old = add.inputs[u.bias_add_index]
+            self.add_dq(dn, ui, "weight")
+            self.released.append(old)
+
+    def _dq_weight(self, ui: int, u: Unit, in_scale: float | None) -> np.ndarray:
+        """The int8 weight (one copy per weight, axis and bias floor) through a
+        DequantizeLinear; its scales."""
+        names, node = self.names, u.node
+        idx, axis = u.weight
+        old = node.inputs[idx]
+        floor = _bias_floor(u, in_scale, self.bias_delta.get(ui))
+        key = (id(old), axis, None if floor is None else floor.tobytes())
+        if key not in self.weight_cache:
+            w = np.asarray(const_value(old), dtype=np.float32)
+            q, s = quantize_weight(w, axis, reduce_range=self.reduce_range, floor=floor)
+            qc = _const(names, f"{old.name}_quantized", q)
+            sc = _const(names, f"{old.name}_scale", s)
+            zc = _const(names, f"{old.name}_zero_point", np.zeros(s.shape, np.int8))
+            self.weight_cache[key] = (qc, sc, zc, s)
+            self.applied.weights += 1
+        qc, sc, zc, s = self.weight_cache[key]
+        d = gs.Variable(names(f"{old.name}_dequantized"), dtype=np.float32)
+        attrs = {"axis": int(axis)} if axis is not None else {}
+        dn = gs.Node("DequantizeLinear", names(f"{node.name or node.op}_DequantizeLinear_w"),
+                     attrs=attrs, inputs=[qc, sc, zc], outputs=[d])
+        node.inputs[idx] = d
+        self.add_dq(dn, ui, "weight")
+        self.released.append(old)
+        return s
+
+    def _dq_bias(self, ui: int, u: Unit, in_scale: float | None, w_scale: np.ndarray | None,
+                 delta: np.ndarray | None) -> None:
+        """The layer's own bias input as int32 (created for a Conv that bias correction shifts)."""
+        node = u.node
+        channels = _channels(u, w_scale)
+        if u.bias_index is not None:
+            old = node.inputs[u.bias_index]
             b = np.asarray(const_value(old), np.float64).reshape(-1)
-            if delta is not None and delta.shape == b.shape:
-                b = b + delta
-            dn, d, clipped = _int32_bias(names, old.name, b, in_scale, w_scale)
-            applied.bias_clipped += clipped
-            add.inputs[u.bias_add_index] = d
-            new_nodes.append(dn)
-            applied.dq_roles[dn.name] = (ui, "bias")
-            applied.dequantize_nodes += 1
-            released.append(old)
-            if ui in applied.unit_outputs:
-                applied.unit_outputs[ui] = (add.outputs[0].name, add.outputs[0].name)
-    graph.nodes.extend(new_nodes)
-    prune_unused(model, released)
-    toposort(graph)
-    return applied
+            self.released.append(old)
+            hint = old.name
+        else:
+            b = np.zeros(channels)
+            hint = f"{node.name or node.op}_bias"
+        if b.size == 1 and channels > 1:
+            b = np.full(channels, float(b[0]))
+        d = self._bias_dq(ui, hint, b, delta, in_scale, w_scale)
+        while len(node.inputs) < 2:
+            node.inputs.append(gs.Variable.empty())
+        if len(node.inputs) > 2:
+            node.inputs[2] = d
+        else:
+            node.inputs.append(d)
+
+    def _dq_bias_add(self, ui: int, u: Unit, in_scale: float | None, w_scale: np.ndarray | None,
+                     delta: np.ndarray | None) -> None:
+        """The constant of a MatMul's bias Add as int32 (what makes onnxruntime fuse a QGemm)."""
+        add = u.bias_add
+        old = add.inputs[u.bias_add_index]
+        b = np.asarray(const_value(old), np.float64).reshape(-1)
+        add.inputs[u.bias_add_index] = self._bias_dq(ui, old.name, b, delta, in_scale, w_scale)
+        self.released.append(old)
+        if ui in self.applied.unit_outputs:
+            self.applied.unit_outputs[ui] = (add.outputs[0].name, add.outputs[0].name)
+
+    def _bias_dq(self, ui: int, hint: str, b: np.ndarray, delta: np.ndarray | None, in_scale: float | None,
+                 w_scale: np.ndarray | None) -> gs.Variable:
+        """Bias ``b`` (shifted by ``delta``) as an int32 DequantizeLinear; its output."""
+        if delta is not None and delta.shape == b.shape:
+            b = b + delta
+        dn, d, clipped = _int32_bias(self.names, hint, b, in_scale, w_scale)
+        self.applied.bias_clipped += clipped
+        self.add_dq(dn, ui, "bias")
+        return d
 
 
 def _bias_floor(u: Unit, in_scale: float | None, delta: np.ndarray | None) -> np.ndarray | None:

@@ -1,19 +1,14 @@
 """The fused fraction: how many QDQ units onnxruntime's CPU provider turned into integer
-kernels.
+kernels, measured on the graph it runs after ORT_ENABLE_ALL optimization.
 
-A *unit* is a Conv/ConvTranspose/MatMul/Gemm whose weight (second operand) comes from
-a DequantizeLinear, or any other op that reads a DequantizeLinear output and writes only
-to QuantizeLinear nodes (onnxruntime's "node unit"; a float op sandwiched between Q/DQ
-counts, and counts as not fused). A DequantizeLinear that feeds an op with no QuantizeLinear after it is a
-boundary (the int8 region ends there), not a unit. After onnxruntime's ORT_ENABLE_ALL
-optimization (the optimized model is saved and read back) a unit is *fused* when none of
-the DequantizeLinear nodes feeding it survive: they were absorbed into QLinearConv,
-QGemm, MatMulIntegerToFloat, QLinearAdd ..., or dropped around an op that then runs on
-8-bit data directly. DequantizeLinear nodes shared by several units are first given one
-copy per unit (what onnxruntime does itself), so that every survivor names its unit.
-
-The same function measures any QDQ model — ours or onnxruntime's own quantizer's — so
-figures compare like with like.
+A *unit* is a Conv/ConvTranspose/MatMul/Gemm whose weight comes from a DequantizeLinear,
+or any other op that reads a DequantizeLinear output and writes only to QuantizeLinear
+nodes (onnxruntime's "node unit"); a DequantizeLinear feeding an op with no QuantizeLinear
+after it ends the int8 region and is not a unit. A unit is *fused* when none of the
+DequantizeLinear nodes feeding it survive optimization (absorbed into QLinearConv, QGemm,
+MatMulIntegerToFloat ..., or dropped around an op that runs on 8-bit data); shared ones are
+first given one copy per unit, as onnxruntime does, so that every survivor names its unit.
+The same function measures any QDQ model, ours or onnxruntime's own quantizer's.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ import onnx
 from onnxopt.model import Model
 from onnxopt.validate import make_session
 
-__all__ = ["Fusion", "analyze_fusion", "INTEGER_KERNELS"]
+__all__ = ["Fusion", "analyze_fusion", "kernel_fraction", "INTEGER_KERNELS"]
 
 #: Op types of the optimized graph that compute on integers.
 INTEGER_KERNELS = frozenset({
@@ -143,13 +138,10 @@ def analyze_fusion(model: Model | onnx.ModelProto) -> Fusion:
     _name_unnamed(work)
     work, dq_unit = _unique_dq(work)
     units = sorted(set(dq_unit.values()))
-    with tempfile.TemporaryDirectory(prefix="onnxopt-fusion-") as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        try:
-            make_session(work.SerializeToString(), "cpu", threads=1, optimization="all", optimized_path=path)
-            opt = onnx.load(path, load_external_data=False)
-        except Exception as exc:  # a model ORT cannot optimize: nothing is fused
-            return Fusion(units, list(units), {}, f"onnxruntime could not optimize it: {str(exc)[:200]}")
+    try:
+        opt = _ort_optimized(work.SerializeToString())
+    except Exception as exc:  # a model ORT cannot optimize: nothing is fused
+        return Fusion(units, list(units), {}, f"onnxruntime could not optimize it: {str(exc)[:200]}")
     ops = Counter(n.op_type for n in opt.graph.node)
     unfused: set[str] = set()
     for n in opt.graph.node:
@@ -160,6 +152,29 @@ def analyze_fusion(model: Model | onnx.ModelProto) -> Fusion:
         if unit is not None:
             unfused.add(unit)
     return Fusion(units, sorted(unfused), dict(ops))
+
+
+def kernel_fraction(model: Model, count: int, dynamic: bool) -> dict:
+    """Stats: how many of the ``count`` MatMuls that the dynamic (or weight-only) mode
+    rewrote onnxruntime runs as integer kernels, and which integer kernels it chose."""
+    try:
+        opt = _ort_optimized(model)
+    except Exception as exc:
+        return {"fused_fraction": 0.0, "fusion_error": str(exc)[:200]}
+    ops = Counter(n.op_type for n in opt.graph.node)
+    kinds = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM") if dynamic else ("MatMulNBits",)
+    fused = sum(ops.get(k, 0) for k in kinds)
+    return {"fused_fraction": round(min(1.0, fused / count), 4),
+            "integer_kernels": {k: v for k, v in sorted(ops.items()) if k in INTEGER_KERNELS}}
+
+
+def _ort_optimized(model: Model | bytes) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs after ORT_ENABLE_ALL optimization (one
+    thread), saved and read back without external data."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-fusion-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(model, "cpu", threads=1, optimization="all", optimized_path=path)
+        return onnx.load(path, load_external_data=False)
 
 
 def _base_name(name: str) -> str:

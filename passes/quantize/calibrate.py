@@ -1,4 +1,4 @@
-"""Calibration for the ``quantize`` pass family: streaming statistics of activations and
+"""Calibration for the ``quantize`` pass: streaming statistics of activations and
 the quantization parameters derived from them.
 
 Calibration data are read one sample at a time (:func:`onnxopt.activations.capture`) and
@@ -39,6 +39,7 @@ __all__ = [
     "ChannelMeans",
     "QParams",
     "collect",
+    "collect_shard",
     "choose_range",
     "activation_qparams",
     "weight_scales",
@@ -109,12 +110,38 @@ class RangeObserver:
             centre = (new_lo + new_hi) / 2
             new_lo = min(new_lo, centre - width / 2)
             new_hi = max(new_hi, centre + width / 2)
-            edges = np.linspace(self.lo, self.hi, self.bins + 1)
-            centres = (edges[:-1] + edges[1:]) / 2
-            self.hist, _ = np.histogram(centres, bins=self.bins, range=(new_lo, new_hi), weights=self.hist)
+            self.hist = self._rebinned(new_lo, new_hi)
             self.lo, self.hi = new_lo, new_hi
         counts, _ = np.histogram(x, bins=self.bins, range=(self.lo, self.hi))
         self.hist += counts
+
+    def _rebinned(self, lo: float, hi: float) -> np.ndarray:
+        """This histogram's counts over ``[lo, hi]`` (a range holding its own), each bin's
+        count moved whole to the new bin of its centre."""
+        edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        counts, _ = np.histogram(centres, bins=self.bins, range=(lo, hi), weights=self.hist)
+        return counts
+
+    def merge(self, other: RangeObserver) -> None:
+        """Fold in the statistics of another part of the data (a shard). Min, max and the
+        counts are exact; the histograms are re-binned onto the union of their ranges by bin
+        centres, so ranges chosen from them (percentile, entropy, mse) differ from one
+        pass over all the data by at most about a bin of the wider range."""
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
+        self.nonfinite += other.nonfinite
+        self.sentinel += other.sentinel
+        if not self.keep_histogram or other.hist is None:
+            return
+        if self.hist is None:
+            self.hist, self.lo, self.hi = other.hist.copy(), other.lo, other.hi
+            return
+        lo, hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        mine = self.hist if (lo, hi) == (self.lo, self.hi) else self._rebinned(lo, hi)
+        self.hist = mine + (other.hist if (lo, hi) == (other.lo, other.hi) else other._rebinned(lo, hi))
+        self.lo, self.hi = lo, hi
 
     @property
     def empty(self) -> bool:
@@ -150,6 +177,18 @@ class ChannelMeans:
             self.sum += s
         self.count += moved.shape[1]
 
+    def merge(self, other: ChannelMeans) -> None:
+        """Fold in another shard's sums (exact)."""
+        if other.sum is None:
+            return
+        if self.sum is None:
+            self.sum = other.sum.copy()
+        elif self.sum.shape == other.sum.shape:
+            self.sum = self.sum + other.sum
+        else:
+            return
+        self.count += other.count
+
     def mean(self) -> np.ndarray | None:
         if self.sum is None or self.count == 0:
             return None
@@ -157,23 +196,30 @@ class ChannelMeans:
 
 
 def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, histogram: bool,
-            progress=None, channel_axes: dict[str, int] | None = None,
-            limit: int | None = None) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
+            progress=None, channel_axes: dict[str, int] | None = None, map_shards=None,
+            shards: int = 0) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
     """Run ``model`` over the calibration samples, one at a time, and fold the tensors
     ``names`` into :class:`RangeObserver` s (and ``channel_axes`` tensors into
     :class:`ChannelMeans`). Returns the observers, the channel means and the number of
-    samples read."""
+    samples read.
+
+    With ``map_shards`` (``map_shards(fn, items) -> results``, e.g. Ray tasks) and
+    ``shards`` > 1, the samples are cut into that many consecutive shards, each shard's
+    statistics computed by one call and the results merged in order
+    (:meth:`RangeObserver.merge`)."""
+    if map_shards is not None and shards > 1 and (_length(calibration) or 0) >= 2 * shards:
+        return _collect_sharded(model, names, calibration, histogram, channel_axes, map_shards, shards)
     observers = {n: RangeObserver(histogram) for n in names}
     means = {n: ChannelMeans(a) for n, a in (channel_axes or {}).items()}
     wanted = list(dict.fromkeys(list(names) + list(means)))
-    total = _length(calibration, limit)
+    total = _length(calibration)
     samples = 0
     if not wanted:
         return observers, means, 0
     task = progress.task("calibrating", total) if progress is not None else None
     advance = task.__enter__() if task is not None else (lambda n=1: None)
     try:
-        for values in capture(model, wanted, _limited(calibration, limit)):
+        for values in capture(model, wanted, calibration):
             for n, obs in observers.items():
                 obs.update(values[n])
             for n, m in means.items():
@@ -186,19 +232,37 @@ def collect(model: Model, names: Sequence[str], calibration: Iterable[dict], *, 
     return observers, means, samples
 
 
-def _limited(calibration: Iterable[dict], limit: int | None):
-    for i, feeds in enumerate(calibration):
-        if limit is not None and i >= limit:
-            return
-        yield feeds
+def _collect_sharded(model, names, calibration, histogram, channel_axes, map_shards, shards):
+    samples = list(calibration)
+    bounds = np.linspace(0, len(samples), shards + 1).astype(int)
+    data = model.to_bytes()
+    jobs = [(data, list(names), histogram, dict(channel_axes or {}), samples[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    observers, means, total = None, None, 0
+    for part_observers, part_means, count in map_shards(collect_shard, jobs):
+        if observers is None:
+            observers, means = part_observers, part_means
+        else:
+            for n, obs in part_observers.items():
+                observers[n].merge(obs)
+            for n, m in part_means.items():
+                means[n].merge(m)
+        total += count
+    return observers, means, total
 
 
-def _length(calibration, limit: int | None) -> int | None:
+def collect_shard(job: tuple) -> tuple[dict[str, RangeObserver], dict[str, ChannelMeans], int]:
+    """One shard's statistics: ``job`` is (model bytes, tensor names, histogram?, channel
+    axes, samples); a plain function of plain data, so that it runs as a remote task."""
+    data, names, histogram, channel_axes, samples = job
+    return collect(Model.load(data), names, samples, histogram=histogram, channel_axes=channel_axes)
+
+
+def _length(calibration) -> int | None:
     try:
-        n = len(calibration)
+        return len(calibration)
     except TypeError:
-        return limit
-    return n if limit is None else min(n, limit)
+        return None
 
 
 # --------------------------------------------------------------------------------------
