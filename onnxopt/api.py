@@ -87,26 +87,8 @@ def optimize(
     if output is not None:
         candidate.check_output_path(output)
 
-    notes: list[str] = []
-    feed_source = ""
     original = reference if reference is not None else candidate  # the input, as it is now
-    if feeds is not None or verify_each or calibration is not None:
-        from .data import check_feeds, load_feeds, open_calibration, random_feeds
-    if isinstance(feeds, (str, os.PathLike)):
-        feed_source = str(feeds)
-        feeds = load_feeds(feeds, original)
-    elif feeds is not None:
-        feeds = dict(feeds)
-        check_feeds(original, feeds)
-        feed_source = "given"
-    elif verify_each:
-        feeds, notes = random_feeds(original, shapes, seed=seed)
-        feed_source = "generated"
-    calib = open_calibration(calibration, original) if calibration is not None else None
-    if feeds is None and calib is not None:
-        # real data beats generated noise for judging a lossy rewrite
-        feeds = dict(next(iter(calib)))
-        feed_source = f"{calib.source} (first calibration sample)"
+    feeds, calib, feed_source, notes = _data(original, feeds, calibration, shapes, verify_each, seed)
     manager.feeds = feeds
 
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
@@ -148,6 +130,34 @@ def optimize(
         report.output = model_figures(candidate, str(path), _file_bytes(str(path)))
     report.seconds = time.perf_counter() - started
     return candidate, report
+
+
+def _data(original: Model, feeds, calibration, shapes, verify_each: bool, seed: int
+          ) -> tuple[dict | None, object, str, list[str]]:
+    """The validation feeds, the calibration data, where the feeds come from, and notes
+    on generated feeds."""
+    notes: list[str] = []
+    feed_source = ""
+    if feeds is None and not verify_each and calibration is None:
+        return None, None, feed_source, notes
+    from .data import check_feeds, load_feeds, open_calibration, random_feeds
+
+    if isinstance(feeds, (str, os.PathLike)):
+        feed_source = str(feeds)
+        feeds = load_feeds(feeds, original)
+    elif feeds is not None:
+        feeds = dict(feeds)
+        check_feeds(original, feeds)
+        feed_source = "given"
+    elif verify_each:
+        feeds, notes = random_feeds(original, shapes, seed=seed)
+        feed_source = "generated"
+    calib = open_calibration(calibration, original) if calibration is not None else None
+    if feeds is None and calib is not None:
+        # real data beats generated noise for judging a lossy rewrite
+        feeds = dict(next(iter(calib)))
+        feed_source = f"{calib.source} (first calibration sample)"
+    return feeds, calib, feed_source, notes
 
 
 def _builtin_exact(manager: PassManager) -> bool:

@@ -4,7 +4,7 @@ A *decoder cone* is the set of nodes computing a tensor when every node is one o
 :data:`DECODER_OPS` and every leaf is a constant: the expansion that the storage writer
 emits, also after other passes merged its shared constants or nodes. Its value is
 computed here with numpy, exactly as onnxruntime computes it (the ops move values
-without float arithmetic; the kernels are :mod:`onnxopt.numpy_eval`'s), so that passes
+without float arithmetic; the kernels are :mod:`onnxopt.node_eval`'s), so that passes
 can read a compressed weight, rewrite it, or check that a storage gives back its values. :func:`storage_of` names the storage form a
 cone implements.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value
-from ..numpy_eval import NotEvaluable, evaluate_node
+from ..node_eval import NotEvaluable, evaluate_node
 
 __all__ = [
     "COMPACT",

@@ -1,4 +1,4 @@
-"""onnxopt.numpy_eval against onnxruntime: every case either gives onnxruntime's values to
+"""onnxopt.node_eval against onnxruntime: every case either gives onnxruntime's values to
 the bit (same element type, shape and bytes) or is declined; never a value where
 onnxruntime gives another one or refuses the node."""
 
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from onnxopt.numpy_eval import NUMPY_OPS, NotEvaluable, evaluate_node
+from onnxopt.node_eval import NUMPY_OPS, NodeEvaluator, NotEvaluable, evaluate_node
 
 I64, I32, F32 = np.int64, np.int32, np.float32
 INT64_MIN, INT32_MIN = np.iinfo(np.int64).min, np.iinfo(np.int32).min
@@ -217,3 +217,17 @@ def test_results_never_share_memory_with_the_inputs():
 
 def test_every_kernel_is_exercised():
     assert NUMPY_OPS <= {c[0] for c in CASES}
+
+
+def test_the_evaluator_asks_numpy_first_and_onnxruntime_for_the_rest():
+    evaluator = NodeEvaluator({"": 17}, 8)
+    reshape = gs.Node("Reshape", inputs=[gs.Variable("x"), gs.Variable("s")], outputs=[gs.Variable("y")])
+    (out,) = evaluator.run(reshape, [X, a([4, -1], I64)])
+    assert out.shape == (4, 6) and not evaluator.sessions  # numpy: no session made
+    softmax = gs.Node("Softmax", attrs={"axis": -1}, inputs=[gs.Variable("x")], outputs=[gs.Variable("y")])
+    (out,) = evaluator.run(softmax, [X])
+    assert out.tobytes() == run_ort("Softmax", [X], {"axis": -1}, 1, 17)[0].tobytes()
+    assert len(evaluator.sessions) == 1
+    bad = gs.Node("Gather", inputs=[gs.Variable("x"), gs.Variable("i")], outputs=[gs.Variable("y")])
+    with pytest.raises(NotEvaluable):
+        evaluator.run(bad, [X, a([9], I64)])  # declined by numpy, refused by onnxruntime

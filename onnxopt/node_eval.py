@@ -1,4 +1,4 @@
-"""Single ONNX nodes evaluated with numpy, giving exactly the values onnxruntime gives.
+"""The values of single ONNX nodes on known inputs, exactly as onnxruntime computes them.
 
 Folding constants and reading compressed weights both need the value of a node whose
 inputs are known. onnxruntime computes it, but a session costs an import of the runtime
@@ -8,8 +8,8 @@ with the same result to the bit. :func:`evaluate_node` does exactly that, and de
 (:class:`NotEvaluable`) everything else: an op it has no kernel for, an element type or
 value whose result could differ from onnxruntime's (float to integer casts of values out
 of range, float16 targets, float reductions), or an input onnxruntime would reject (an
-index out of range, a shape that does not fit). A caller then asks onnxruntime, or
-gives up.
+index out of range, a shape that does not fit). :class:`NodeEvaluator` asks numpy first
+and onnxruntime for the rest, one single-node session per node signature.
 
 Float arithmetic is limited to elementwise ``Add``/``Sub``/``Mul``/``Div``/``Neg``/``Abs``
 on float32 and float64, which IEEE 754 rounds correctly in both. Results never share
@@ -18,13 +18,19 @@ memory with the inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 
-__all__ = ["NUMPY_OPS", "NotEvaluable", "evaluate_node"]
+from .graph_extras import RawAttribute
+
+__all__ = ["NUMPY_OPS", "NodeEvaluator", "NotEvaluable", "evaluate_node"]
+
+log = logging.getLogger(__name__)
 
 
 class NotEvaluable(Exception):
@@ -467,3 +473,112 @@ _KERNELS: dict[str, Callable] = {
 
 #: The ops :func:`evaluate_node` has a kernel for.
 NUMPY_OPS = frozenset(_KERNELS)
+
+
+# --------------------------------------------------------------------------------------
+# Everything else: onnxruntime
+# --------------------------------------------------------------------------------------
+
+
+class NodeEvaluator:
+    """Evaluates single nodes of a model with the given opsets: with numpy where
+    :func:`evaluate_node` vouches for the result, else on onnxruntime with one cached
+    session per node signature (op, attributes, input types). Raises :class:`NotEvaluable`
+    for a node neither computes."""
+
+    def __init__(self, opset_imports: Mapping[str, int], ir_version: int):
+        self.opsets = [helper.make_opsetid(d, v) for d, v in sorted(opset_imports.items())]
+        self.ir_version = max(ir_version, 7)
+        self.sessions: dict[bytes, object | None] = {}
+        self._options = None
+
+    @property
+    def options(self):
+        """Session options, made (and onnxruntime imported) at the first session."""
+        if self._options is None:
+            import onnxruntime as ort
+
+            self._options = ort.SessionOptions()
+            self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self._options.intra_op_num_threads = 1
+            self._options.inter_op_num_threads = 1
+            self._options.log_severity_level = 4
+        return self._options
+
+    def run(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        """The values of ``node``'s outputs (None for an unnamed one)."""
+        if node.op in NUMPY_OPS:
+            try:
+                values = evaluate_node(node, inputs)
+            except NotEvaluable as exc:
+                log.debug("%s (%s) goes to onnxruntime: %s", node.name or "?", node.op, exc)
+            else:
+                return [v if t.name else None for v, t in zip(values, node.outputs)]
+        return self._run_session(node, inputs)
+
+    def _run_session(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+        out_names = [f"o{k}" if t.name else "" for k, t in enumerate(node.outputs)]
+        try:
+            proto = helper.make_node(node.op, in_names, out_names, domain=node.domain or "")
+            proto.attribute.extend(_attributes(node))
+            graph = helper.make_graph(
+                [proto], "fold",
+                [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                 for n, v in zip(in_names, inputs) if v is not None],
+                [onnx.ValueInfoProto(name=n) for n in out_names if n])
+            m = helper.make_model(graph, opset_imports=self.opsets)
+            m.ir_version = self.ir_version
+            key = m.SerializeToString(deterministic=True)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise NotEvaluable(f"cannot express the node: {exc}") from exc
+        session = self.sessions.get(key, False)
+        if session is False:
+            import onnxruntime as ort
+
+            try:
+                session = ort.InferenceSession(key, sess_options=self.options,
+                                               providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime rejects the node
+                self.sessions[key] = None
+                raise NotEvaluable(_first_line(exc)) from exc
+            self.sessions[key] = session
+        if session is None:
+            raise NotEvaluable("onnxruntime rejects this node")
+        feeds = {n: np.asarray(v) for n, v in zip(in_names, inputs) if v is not None}
+        try:
+            results = session.run([n for n in out_names if n], feeds)
+        except Exception as exc:
+            raise NotEvaluable(_first_line(exc)) from exc
+        it = iter(results)
+        out: list[np.ndarray | None] = []
+        for n in out_names:
+            if not n:
+                out.append(None)
+                continue
+            r = next(it)
+            if not isinstance(r, np.ndarray):
+                raise NotEvaluable("result is not a tensor")
+            out.append(r)
+        return out
+
+
+def _attributes(node: gs.Node) -> list[onnx.AttributeProto]:
+    types = vars(node).get("attr_types", {})
+    out = []
+    for key, value in node.attrs.items():
+        if isinstance(value, RawAttribute):
+            out.append(value.proto)
+        elif isinstance(value, gs.Constant):
+            out.append(helper.make_attribute(key, numpy_helper.from_array(np.asarray(value.values))))
+        elif isinstance(value, gs.Graph):
+            raise ValueError("graph attribute")
+        elif key in types:
+            out.append(helper.make_attribute(key, value, attr_type=types[key]))
+        else:
+            out.append(helper.make_attribute(key, value))
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
