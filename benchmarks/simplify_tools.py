@@ -3,23 +3,29 @@
 ``run_tool`` loads a model, simplifies it with onnxopt (a given pipeline) or one of the
 peers (onnxoptimizer, onnxsim, onnxslim, with their defaults) and saves it as a user
 would; imports happen before the clock starts and before the memory baseline is read.
-``isolated`` runs it in a spawned process so that every tool starts from the same clean
-interpreter and a peer's crash, exception or hang becomes a row entry of the tables
-instead of ending the run. Used by :mod:`benchmarks.simplify`.
+``whole_process`` runs it as a process of its own — a fresh interpreter that imports only
+the tool, as a user's command would — and measures that whole process too: its wall time
+from start to exit and its CPU time, imports included, beside the in-process figures.
+``isolated`` runs any function in a spawned process. Either way a crash, an exception or
+a hang becomes a row entry of the tables instead of ending the run. Used by
+:mod:`benchmarks.simplify`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import resource
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
 
 import onnx
 
-__all__ = ["PEERS", "isolated", "run_tool"]
+__all__ = ["PEERS", "interpreter_rss", "isolated", "run_tool", "whole_process"]
 
 PEERS = ("onnxoptimizer", "onnxsim", "onnxslim")
 TWO_GB = 2**31
@@ -107,10 +113,7 @@ def _child(fn, args, q) -> None:
         result["peak_rss"] = _peak_rss()
         q.put(("ok", result))
     except BaseException as exc:  # a peer's failure is a row entry
-        text = str(exc).strip().splitlines()
-        where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-        q.put(("error", f"{type(exc).__name__}: {text[0][:160] if text else ''}"
-                        + (f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else "")))
+        q.put(("error", _error(exc)))
 
 
 def isolated(fn, args, timeout: float) -> dict:
@@ -144,3 +147,59 @@ def isolated(fn, args, timeout: float) -> dict:
     if status != "ok":
         return {"ok": False, "error": value}
     return {"ok": True, **value}
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    return (f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+            + (f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else ""))
+
+
+def whole_process(tool: str, src: str, out: str, pipeline: str | None, timeout: float) -> dict:
+    """``run_tool`` in a fresh interpreter of its own (``python -m benchmarks.simplify_tools``),
+    with ``process_seconds`` (wall, start to exit) and ``process_cpu`` (user + system of the
+    whole process, imports included) beside its in-process figures; a crash or a timeout
+    is reported, not raised."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "benchmarks.simplify_tools", tool, src, out, pipeline or ""]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    seconds = time.perf_counter() - t0
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        return {"ok": False, "error": f"crashed (exit code {proc.returncode})"}
+    if "error" in result:
+        return {"ok": False, "error": result["error"]}
+    return {"ok": True, **result, "process_seconds": seconds}
+
+
+def interpreter_rss() -> int:
+    """Peak resident memory of a bare interpreter that imported onnx and onnxruntime: the
+    baseline whole-process memory is judged against."""
+    code = "import onnx, onnxruntime\nfrom benchmarks.simplify_tools import _peak_rss\nprint(_peak_rss())"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> None:
+    tool, src, out, pipeline = argv
+    try:
+        result = run_tool(tool, src, out, pipeline or None)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result.update(peak_rss=_peak_rss(), process_cpu=usage.ru_utime + usage.ru_stime)
+    except BaseException as exc:  # a peer's failure is a row entry
+        result = {"error": _error(exc)}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import check_feeds, load_feeds, open_calibration, random_feeds
 from .errors import ValidationFailed
-from .framework import PassContext, Progress
+from .framework import Group, PassContext, Progress
 from .manager import DEFAULT_MAX_ROUNDS, PassManager
 from .model import Model
-from .report import Report, layer_figures, model_figures
+from .report import Report, layer_channels, layer_figures, model_figures
 from .validate import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL, check_providers, validate
 
 __all__ = ["optimize", "load"]
@@ -76,43 +75,36 @@ def optimize(
     started = time.perf_counter()
     manager = PassManager(pipeline, max_rounds=max_rounds, verify_each=verify_each,
                           rtol=rtol, atol=atol, min_cosine=min_cosine)
-    providers = check_providers(providers)
+    # the CPU provider is in every onnxruntime build: a run without validation need not load it
+    providers = ["cpu"] if tuple(providers) == ("cpu",) else check_providers(providers)
     source_path = str(model) if isinstance(model, (str, os.PathLike)) else None
     candidate = load(model)
-    reference = Model.load(model) if source_path else candidate.copy()
+    # The built-in exact passes never read the original: without validation the report's
+    # figures of it are taken before the run, and no copy is made.
+    needs_reference = validate_output or verify_each or not _builtin_exact(manager)
+    # the copy shares the weights' bytes: nothing changes them in place
+    reference = candidate.copy() if needs_reference else None
     if output is not None:
         candidate.check_output_path(output)
 
-    notes: list[str] = []
-    feed_source = ""
-    if isinstance(feeds, (str, os.PathLike)):
-        feed_source = str(feeds)
-        feeds = load_feeds(feeds, reference)
-    elif feeds is not None:
-        feeds = dict(feeds)
-        check_feeds(reference, feeds)
-        feed_source = "given"
-    elif verify_each:
-        feeds, notes = random_feeds(reference, shapes, seed=seed)
-        feed_source = "generated"
-    calib = open_calibration(calibration, reference) if calibration is not None else None
-    if feeds is None and calib is not None:
-        # real data beats generated noise for judging a lossy rewrite
-        feeds = dict(next(iter(calib)))
-        feed_source = f"{calib.source} (first calibration sample)"
+    original = reference if reference is not None else candidate  # the input, as it is now
+    feeds, calib, feed_source, notes = _data(original, feeds, calibration, shapes, verify_each, seed)
     manager.feeds = feeds
 
     ctx = PassContext(reference=reference, calibration=calib, providers=tuple(providers),
                       shapes=dict(shapes or {}), feeds=feeds, progress=progress or Progress(),
                       logger=logging.getLogger("onnxopt.passes"), seed=seed)
-    input_figures = model_figures(reference, source_path,
+    input_figures = model_figures(original, source_path,
                                   _file_bytes(source_path) if source_path else None)
+    before = layer_channels(original) if reference is None else None
     result = manager.run(candidate, ctx)
 
+    # a model written to ``output`` is measured on disk instead (below)
     report = Report(pipeline=result.pipeline, input=input_figures,
-                    output=model_figures(candidate), passes=[r.as_dict() for r in result.records],
+                    output=model_figures(candidate) if output is None else {},
+                    passes=[r.as_dict() for r in result.records],
                     converged=result.converged, groups=result.groups, notes=notes)
-    report.layers = layer_figures(reference, candidate, report.passes)
+    report.layers = layer_figures(reference, candidate, report.passes, before=before)
     for r in result.rolled_back:
         report.notes.append(f"pass {r.name} was rolled back: {r.error}")
 
@@ -126,6 +118,7 @@ def optimize(
         report.validation_bound = v.bound
         report.feeds = v.feeds
         if not v.passed and not force:
+            report.output = report.output or model_figures(candidate)
             report.seconds = time.perf_counter() - started
             why = "; ".join(v.failures())[:600]
             unwritten = "; output not written (--force writes it)" if output is not None else ""
@@ -137,6 +130,40 @@ def optimize(
         report.output = model_figures(candidate, str(path), _file_bytes(str(path)))
     report.seconds = time.perf_counter() - started
     return candidate, report
+
+
+def _data(original: Model, feeds, calibration, shapes, verify_each: bool, seed: int
+          ) -> tuple[dict | None, object, str, list[str]]:
+    """The validation feeds, the calibration data, where the feeds come from, and notes
+    on generated feeds."""
+    notes: list[str] = []
+    feed_source = ""
+    if feeds is None and not verify_each and calibration is None:
+        return None, None, feed_source, notes
+    from .data import check_feeds, load_feeds, open_calibration, random_feeds
+
+    if isinstance(feeds, (str, os.PathLike)):
+        feed_source = str(feeds)
+        feeds = load_feeds(feeds, original)
+    elif feeds is not None:
+        feeds = dict(feeds)
+        check_feeds(original, feeds)
+        feed_source = "given"
+    elif verify_each:
+        feeds, notes = random_feeds(original, shapes, seed=seed)
+        feed_source = "generated"
+    calib = open_calibration(calibration, original) if calibration is not None else None
+    if feeds is None and calib is not None:
+        # real data beats generated noise for judging a lossy rewrite
+        feeds = dict(next(iter(calib)))
+        feed_source = f"{calib.source} (first calibration sample)"
+    return feeds, calib, feed_source, notes
+
+
+def _builtin_exact(manager: PassManager) -> bool:
+    """Whether every pass of the pipeline is one of the library's exact passes."""
+    steps = [s for step in manager.steps for s in (step.steps if isinstance(step, Group) else [step])]
+    return all(s.pass_.exact and type(s.pass_).__module__.startswith("onnxopt.passes.") for s in steps)
 
 
 def _file_bytes(path: str | None) -> int | None:

@@ -453,6 +453,23 @@ def _null():
     yield None
 
 
+class _Console:
+    """rich's console on stdout, imported and made when first printed to: a command that
+    prints no table (``-q``, ``--json``) never imports rich."""
+
+    def __init__(self):
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console()
+            if not self._console.is_terminal:  # piped or logged: wide enough for the report tables
+                self._console = Console(width=120)
+        return getattr(self._console, name)
+
+
 def _stderr_console(args):
     from rich.console import Console
 
@@ -469,11 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose
                             else logging.WARNING, format="onnxopt: %(levelname)s: %(message)s",
                             stream=sys.stderr)
-        from rich.console import Console
-
-        console = Console()
-        if not console.is_terminal:  # piped or logged: wide enough for the report tables
-            console = Console(width=120)
+        console = _Console()
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .model import ExternalValues
+from .model_files import ExternalValues, InlineValues
 
 __all__ = ["signature", "content_bytes", "fingerprint", "array_signature"]
 
@@ -63,6 +63,9 @@ def signature(tensor: gs.Constant | np.ndarray) -> Signature | None:
     values = tensor._values
     if isinstance(values, SparseValues):
         return None
+    if isinstance(values, InlineValues):  # raw bytes held apart from the header
+        h = values.header
+        return (int(h.data_type), tuple(int(d) for d in h.dims), "packed" if h.data_type in _SUB_BYTE else "std")
     if isinstance(values, LazyValues):
         proto = values.tensor
         return (int(proto.data_type), tuple(int(d) for d in proto.dims), _proto_layout(proto))
@@ -97,6 +100,8 @@ def content_bytes(tensor: gs.Constant | np.ndarray) -> bytes:
         raise TypeError(f"sparse constant '{tensor.name}' has no dense bytes")
     if isinstance(values, ExternalValues):
         return values.read_bytes()
+    if isinstance(values, InlineValues):  # the raw bytes as stored, held apart from the proto
+        return values.raw
     if isinstance(values, LazyValues):
         proto = values.tensor
         if proto.HasField("raw_data"):

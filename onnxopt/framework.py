@@ -37,6 +37,7 @@ __all__ = [
     "Group",
     "register",
     "register_preset",
+    "declare_passes",
     "get_pass",
     "registered_passes",
     "presets",
@@ -250,6 +251,7 @@ def _option_list(p: type[Pass] | Pass) -> str:
 
 _PASSES: dict[str, type[Pass]] = {}
 _PRESETS: dict[str, tuple[str, str]] = {}
+_MODULES: dict[str, str] = {}  # pass name -> the module that registers it, not imported yet
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -265,6 +267,9 @@ def register(cls: type[Pass]) -> type[Pass]:
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"two passes are named {cls.name!r}")
+    declared = _MODULES.get(cls.name)
+    if declared is not None and existing is None and declared != cls.__module__:
+        raise ValueError(f"two passes are named {cls.name!r} (one in {declared})")
     _PASSES[cls.name] = cls
     return cls
 
@@ -274,6 +279,25 @@ def register_preset(name: str, pipeline: str, summary: str) -> None:
     if not _NAME.match(name):
         raise ValueError(f"preset name {name!r} is not lowercase-hyphenated")
     _PRESETS[name] = (pipeline, summary)
+
+
+def declare_passes(package: str, modules: Mapping[str, str]) -> None:
+    """Name the passes of a package and the module (relative to ``package``) that defines
+    each; a module is imported when one of its passes is first asked for."""
+    for name, module in modules.items():
+        if not _NAME.match(name):
+            raise ValueError(f"pass name {name!r} is not lowercase-hyphenated")
+        _MODULES[name] = f"{package}.{module}"
+
+
+def _import_pass(name: str) -> None:
+    module = _MODULES.get(name)
+    if module is not None and name not in _PASSES:
+        import importlib
+
+        importlib.import_module(module)
+        if name not in _PASSES:
+            raise RuntimeError(f"module {module} does not register the pass {name!r} it is declared for")
 
 
 _loaded = False
@@ -301,6 +325,8 @@ def load_builtin_passes() -> None:
 
 def registered_passes() -> dict[str, type[Pass]]:
     load_builtin_passes()
+    for name in list(_MODULES):
+        _import_pass(name)
     return dict(sorted(_PASSES.items()))
 
 
@@ -328,11 +354,12 @@ def pass_source(cls: type[Pass]) -> str:
 
 def get_pass(name: str) -> type[Pass]:
     load_builtin_passes()
+    _import_pass(name)
     try:
         return _PASSES[name]
     except KeyError:
         raise PipelineError(
-            f"unknown pass '{name}'; valid passes: {', '.join(sorted(_PASSES))}; "
+            f"unknown pass '{name}'; valid passes: {', '.join(sorted(set(_PASSES) | set(_MODULES)))}; "
             f"presets: {', '.join(sorted(_PRESETS))}") from None
 
 
@@ -426,7 +453,7 @@ class _Parser:
         if self.peek() == "(":
             self.i += 1
             options = self.options()
-        if name not in _PASSES and name in _PRESETS:
+        if name not in _PASSES and name not in _MODULES and name in _PRESETS:
             if options:
                 raise self.error(f"preset '{name}' takes no options")
             if self.depth > 4:

@@ -14,13 +14,16 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .model import Model, RawAttribute, extras, iter_graphs, node_subgraphs, tensor_nbytes
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = [
     "GraphIndex",
@@ -259,6 +262,8 @@ def to_networkx(graph: gs.Graph) -> nx.DiGraph:
     list of tensors (``tensors``) that ``c`` reads from ``p``, outer-scope reads of
     ``c``'s subgraphs included.
     """
+    import networkx as nx  # imported where used: most commands never build this view
+
     g = nx.DiGraph()
     producer: dict[int, gs.Node] = {}
     for n in graph.nodes:

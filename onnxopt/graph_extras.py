@@ -92,7 +92,8 @@ def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
     """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies)."""
     found = []
     for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
+        kind = value.__class__
+        if kind is gs.Graph or (kind is not list and isinstance(value, gs.Graph)):
             found.append(value)
         elif isinstance(value, list) and value and isinstance(value[0], gs.Graph):
             found.extend(value)
@@ -100,13 +101,18 @@ def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """``graph`` and every graph nested in it, outer before inner."""
+    """``graph`` and every graph nested in it, outer before inner (depth first, in node
+    order). Every pass walks it, often on graphs of many thousand nodes, so it looks at
+    the attributes only of the nodes that have any."""
     stack = [graph]
     while stack:
         g = stack.pop()
         yield g
-        for node in reversed(g.nodes):
-            stack.extend(reversed(node_subgraphs(node)))
+        subs: list[gs.Graph] = []
+        for node in g.nodes:
+            if node.attrs:
+                subs.extend(node_subgraphs(node))
+        stack.extend(reversed(subs))
 
 
 def tensor_nbytes(tensor: gs.Constant) -> int:

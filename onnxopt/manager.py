@@ -109,8 +109,12 @@ class PassManager:
         ctx = ctx or PassContext()
         if ctx.feeds is None and self.feeds is not None:
             ctx = replace(ctx, feeds=self.feeds)
-        with gc_paused():
-            return self._run(model, ctx)
+        self._state = object()  # the model's state; a new one after every change
+        try:
+            with gc_paused():
+                return self._run(model, ctx)
+        finally:
+            model.settle(None)
 
     def _run(self, model: Model, ctx: PassContext) -> RunResult:
         records: list[PassRecord] = []
@@ -141,6 +145,7 @@ class PassManager:
         p = step.pass_
         before = self._summary or model.summary()
         snapshot = model.copy() if self.verify_each else None
+        model.settle(self._state)  # passes after passes that changed nothing share analyses
         log.info("running %s", p.spec())
         t0 = time.perf_counter()
         error = ""
@@ -164,7 +169,10 @@ class PassManager:
                 log.warning("pass %s broke the model (%s); rolled back", p.name, problem)
                 model.restore(snapshot)
                 rolled_back, error = True, problem
-        after = model.summary() if (result is not None and result.modified) or rolled_back else before
+        changed = (result is not None and result.modified) or rolled_back
+        if changed:
+            self._state = object()
+        after = model.summary() if changed else before
         self._summary = after
         return PassRecord(
             name=p.name, options=dict(p.given), exact=p.exact,

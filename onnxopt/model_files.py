@@ -10,11 +10,22 @@ failed save leaves nothing half-written behind.
 
 :class:`ExternalValues` is the lazy value of a tensor whose data lives in such a file;
 graphsurgeon reads it only when a pass asks for the values.
+
+Large tensors stored inside the model file are *held apart* once it is parsed: their
+bytes leave the proto and stay in one bytes object each (:class:`InlineValues`), and the
+proto that remains is small. Where a whole model has to pass through a proto again (a
+copy, a save, a serialization), each such tensor is written as a short *marker* that
+names an entry of a ``held`` list; a copy takes the entries back without copying them,
+and :func:`spliced_chunks` puts their bytes where the markers stand in the serialized
+proto, so that a model is written to disk without ever being assembled in memory. The
+bytes written are those protobuf itself would write for the complete proto.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,14 +40,20 @@ from .errors import ModelLoadError, UnsafePathError
 
 __all__ = [
     "EXTERNAL_MIN_TENSOR_BYTES",
+    "HELD_APART_MIN_BYTES",
     "ExternalValues",
+    "InlineValues",
     "all_tensor_protos",
     "check_external_data",
     "check_text",
     "external_info",
+    "held_data",
+    "held_index",
+    "held_marker",
     "inline_external_data",
     "parse_model_bytes",
     "proto_data_bytes",
+    "spliced_chunks",
     "temp_file_beside",
     "write_external_data",
 ]
@@ -69,6 +86,182 @@ class ExternalValues(LazyValues):
             f.seek(int(info.get("offset", 0)))
             length = info.get("length")
             return f.read(int(length)) if length is not None else f.read()
+
+
+#: Tensors of at least this many bytes stored inside the model are held apart from the
+#: parsed proto (:class:`InlineValues`).
+HELD_APART_MIN_BYTES = 64 * 1024
+
+_T = onnx.TensorProto
+#: Element types whose ``raw_data`` numpy reads as it is (little-endian, one element per
+#: item): decoded here without the round trip through a complete proto.
+_PLAIN_NUMPY = {
+    _T.FLOAT: np.float32, _T.DOUBLE: np.float64, _T.FLOAT16: np.float16, _T.BOOL: np.bool_,
+    _T.INT8: np.int8, _T.INT16: np.int16, _T.INT32: np.int32, _T.INT64: np.int64,
+    _T.UINT8: np.uint8, _T.UINT16: np.uint16, _T.UINT32: np.uint32, _T.UINT64: np.uint64,
+    _T.COMPLEX64: np.complex64, _T.COMPLEX128: np.complex128,
+}
+
+
+class InlineValues(LazyValues):
+    """Lazy values of a tensor stored inside the model file, held apart from the proto.
+
+    ``header`` is the tensor's proto without ``raw_data``; ``raw`` holds those bytes. They
+    are decoded on first use like any lazy value; ``tensor`` gives the complete proto (a
+    copy, for code that needs one). Instances are never modified, so copies of a model
+    share them.
+    """
+
+    def __init__(self, header: onnx.TensorProto, raw: bytes):
+        # LazyValues.__init__ would read ``tensor``: the same figures, from the header
+        from onnx_graphsurgeon.importers.onnx_importer import (
+            get_itemsize,
+            get_onnx_tensor_dtype,
+            get_onnx_tensor_shape,
+        )
+        from onnx_graphsurgeon.util import misc
+
+        self.header = header
+        self.raw = raw
+        self.shape = get_onnx_tensor_shape(header)
+        self.dtype = get_onnx_tensor_dtype(header)
+        self.nbytes = misc.volume(self.shape) * get_itemsize(self.dtype)
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        full = onnx.TensorProto()
+        full.CopyFrom(self.header)
+        full.raw_data = self.raw
+        return full
+
+    @tensor.setter
+    def tensor(self, header: onnx.TensorProto) -> None:
+        self.header = header
+
+    def load(self) -> np.ndarray:
+        h = self.header
+        dtype = _PLAIN_NUMPY.get(h.data_type)
+        if dtype is None or sys.byteorder != "little" or h.HasField("segment"):
+            return super().load()  # through the complete proto, as graphsurgeon does
+        return np.frombuffer(self.raw, dtype=dtype).reshape(tuple(h.dims)).copy()
+
+
+_MARKER = b"\x00onnxopt:held:" + os.urandom(8)  # random: no stored tensor holds it by chance
+_MARKER_LEN = len(_MARKER) + 8
+
+
+def held_marker(index: int) -> bytes:
+    """The ``raw_data`` that stands for entry ``index`` of a ``held`` list."""
+    return _MARKER + index.to_bytes(8, "little")
+
+
+def held_index(raw: bytes) -> int | None:
+    """The entry a marker names, or None if ``raw`` is not a marker."""
+    if len(raw) != _MARKER_LEN or not raw.startswith(_MARKER):
+        return None
+    return int.from_bytes(raw[len(_MARKER):], "little")
+
+
+def held_data(entry) -> bytes | memoryview:
+    """The bytes an entry of a ``held`` list stands for: the raw bytes of held-apart
+    values, or of a lazy proto, or of a numpy array (little-endian, as ``from_array``
+    writes them)."""
+    if isinstance(entry, InlineValues):
+        return entry.raw
+    if isinstance(entry, LazyValues):
+        return entry.tensor.raw_data
+    if isinstance(entry, np.ndarray):
+        arr = np.ascontiguousarray(entry)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        return memoryview(arr).cast("B")
+    return entry
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def spliced_chunks(data: bytes, held: list) -> tuple[list, int]:
+    """The pieces of ``data`` (a serialized proto whose held-apart tensors are markers)
+    with every marker replaced by the bytes of its ``held`` entry, and their total length.
+
+    Written one after the other they are exactly the serialization of the complete proto:
+    protobuf lays fields out in field-number order whatever they hold, so only the length
+    prefixes of the messages enclosing a marker change. Only those messages are walked."""
+    positions = []
+    at = data.find(_MARKER)
+    while at >= 0:
+        positions.append(at)
+        at = data.find(_MARKER, at + _MARKER_LEN)
+    if not positions:
+        return [data], len(data)
+    view = memoryview(data)
+    return _splice(data, view, 0, len(data), positions, held)
+
+
+def _splice(data: bytes, view: memoryview, start: int, end: int, positions: list[int],
+            held: list) -> tuple[list, int]:
+    """Chunks and length of the message ``data[start:end]``, markers replaced."""
+    chunks: list = []
+    total = 0
+    run = start  # start of the pending unchanged bytes
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(data, pos)
+            continue
+        if wire == 1:
+            pos += 8
+            continue
+        if wire == 5:
+            pos += 4
+            continue
+        if wire != 2:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        tag_end = pos
+        length, body = _read_varint(data, pos)
+        pos = body + length
+        first = bisect.bisect_left(positions, body)
+        if first == len(positions) or positions[first] >= pos:
+            continue  # no marker inside: stays in the unchanged run
+        if run < field_start:
+            chunks.append(view[run:field_start])
+            total += field_start - run
+        index = held_index(data[body:pos]) if length == _MARKER_LEN and positions[first] == body else None
+        if index is not None:
+            inner: list = [held_data(held[index])]
+            inner_len = len(inner[0])
+        else:
+            inner, inner_len = _splice(data, view, body, pos, positions, held)
+        head = data[field_start:tag_end] + _varint(inner_len)
+        chunks.append(head)
+        chunks.extend(inner)
+        total += len(head) + inner_len
+        run = pos
+    if run < end:
+        chunks.append(view[run:end])
+        total += end - run
+    return chunks, total
 
 
 def parse_model_bytes(data: bytes, where: str) -> onnx.ModelProto:
@@ -301,17 +494,21 @@ def _copy_external(src: str, offset: int, length: str | None, out) -> int:
 
 
 def write_external_data(proto: onnx.ModelProto, base_dir: str, data_path: str,
-                        location: str) -> None:
+                        location: str, held: list | None = None) -> None:
     """Move every tensor of at least 1 KiB into ``data_path``, copying external data
     file-to-file so that a large model is never held twice in memory.
 
-    Tensors already external are read relative to ``base_dir``; each tensor starts on a
-    4 KiB boundary and ``proto`` is rewritten to point at ``location``."""
+    Tensors already external are read relative to ``base_dir``, markers from ``held``;
+    each tensor starts on a 4 KiB boundary and ``proto`` is rewritten to point at
+    ``location``."""
     with open(data_path, "wb") as out:
         for tensor in all_tensor_protos(proto):
             ext = tensor.data_location == onnx.TensorProto.EXTERNAL
-            if not ext and (not tensor.HasField("raw_data")
-                            or len(tensor.raw_data) < EXTERNAL_MIN_TENSOR_BYTES):
+            raw = tensor.raw_data if not ext and tensor.HasField("raw_data") else b""
+            index = held_index(raw) if held is not None else None
+            if index is not None:
+                raw = held_data(held[index])
+            if not ext and len(raw) < EXTERNAL_MIN_TENSOR_BYTES:
                 continue
             offset = out.tell()
             pad = (-offset) % _ALIGN
@@ -323,8 +520,8 @@ def write_external_data(proto: onnx.ModelProto, base_dir: str, data_path: str,
                 length = _copy_external(os.path.join(base_dir, info["location"]),
                                         int(info.get("offset", 0)), info.get("length"), out)
             else:
-                out.write(tensor.raw_data)
-                length = len(tensor.raw_data)
+                out.write(raw)
+                length = len(raw)
                 tensor.ClearField("raw_data")
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL

@@ -9,12 +9,18 @@ would lose (see :mod:`onnxopt.graph_extras`), leaves weight data lazy, and the e
 writes it all back: a graph that no pass touched exports to the proto it came from.
 The exporter also finds a home for the constants that passes created, once, in the
 innermost graph enclosing all their readers.
+
+Large tensors stored in the file are held apart from the proto on load
+(:func:`hold_apart`, :class:`onnxopt.model_files.InlineValues`); the exporter writes them
+back whole, or as markers naming entries of a ``held`` list (a copy of the model shares
+them, a save streams them), or leaves the largest initializers out as typed graph inputs
+(what shape inference needs).
 """
 
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -25,22 +31,92 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import ModelSaveError
 from .graph_extras import GraphExtras, RawAttribute, extras, iter_graphs, node_subgraphs
-from .model_files import ExternalValues
+from .model_files import (
+    HELD_APART_MIN_BYTES,
+    ExternalValues,
+    InlineValues,
+    held_data,
+    held_index,
+    held_marker,
+)
 
-__all__ = ["graph_from_proto", "graph_to_proto", "norm_domain"]
+__all__ = ["constant_data_bytes", "constant_type", "graph_from_proto", "graph_to_proto", "hold_apart",
+           "norm_domain"]
 
 
-def graph_from_proto(proto: onnx.GraphProto, base_dir: str | None) -> gs.Graph:
+def graph_from_proto(proto: onnx.GraphProto, base_dir: str | None,
+                     held: list | None = None) -> gs.Graph:
     """The top graph of a model as a ``gs.Graph``, subgraphs included. Initializer data
-    stays lazy; external data is read relative to ``base_dir`` when first needed."""
-    return _Importer(base_dir).graph(proto, {})
+    stays lazy; external data is read relative to ``base_dir`` when first needed.
+
+    ``held`` resolves markers (see the module doc): the proto is then ours, and the
+    tensors carrying a marker lose it."""
+    return _Importer(base_dir, held).graph(proto, {})
 
 
-def graph_to_proto(graph: gs.Graph) -> tuple[onnx.GraphProto, set[str]]:
-    """The top graph back as a ``GraphProto``, and the domains its nodes use (normalized
-    by :func:`norm_domain`) so that the model can import an opset for each."""
-    exporter = _Exporter(_place_new_constants(graph))
-    return exporter.graph(graph, set()), exporter.domains
+def graph_to_proto(graph: gs.Graph, into: onnx.GraphProto | None = None, *, held: list | None = None,
+                   as_input: Callable[[gs.Constant, bool], bool] | None = None
+                   ) -> tuple[onnx.GraphProto, set[str]]:
+    """The top graph back as a ``GraphProto`` (``into``, or a new one), and the domains its
+    nodes use (normalized by :func:`norm_domain`) so that the model can import an opset
+    for each.
+
+    With ``held``, large tensors are written as markers appended to it; initializers for
+    which ``as_input(tensor, in_top_graph)`` is true are written as graph inputs of their
+    type and shape, without data, and so are the Constant nodes of the top graph whose
+    value it is true for (unless they give a graph output)."""
+    exporter = _Exporter(_place_new_constants(graph), held, as_input)
+    return exporter.graph(graph, set(), into, top=True), exporter.domains
+
+
+def hold_apart(proto: onnx.ModelProto) -> list[bytes]:
+    """Take the bytes of every large tensor the importer turns into a constant (graph
+    initializers and Constant nodes, in If/Loop/Scan bodies too) out of ``proto``, which
+    must be ours; each keeps a marker naming its entry of the returned list."""
+    held: list[bytes] = []
+
+    def take(t: onnx.TensorProto) -> None:
+        if (t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
+                and not t.HasField("segment") and _estimated_bytes(t) >= HELD_APART_MIN_BYTES):
+            held.append(t.raw_data)
+            t.raw_data = held_marker(len(held) - 1)
+
+    def graph(g: onnx.GraphProto) -> None:
+        for t in g.initializer:
+            take(t)
+        for node in g.node:
+            if node.op_type not in _HOLDING_OPS:
+                continue
+            for a in node.attribute:
+                if a.ref_attr_name:
+                    continue
+                if a.type == onnx.AttributeProto.TENSOR:
+                    take(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        graph(sub)
+
+    graph(proto.graph)
+    return held
+
+
+#: Nodes whose attributes :func:`hold_apart` looks into (others keep their tensors inline).
+_HOLDING_OPS = frozenset({"Constant", "If", "Loop", "Scan"})
+
+_ITEM_BYTES = {onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+               onnx.TensorProto.COMPLEX128: 16, onnx.TensorProto.FLOAT: 4, onnx.TensorProto.INT32: 4,
+               onnx.TensorProto.UINT32: 4, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.FLOAT16: 2,
+               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2}
+
+
+def _estimated_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor from its header (one byte an element for the types not listed)."""
+    n = _ITEM_BYTES.get(t.data_type, 1)
+    for d in t.dims:
+        n *= d
+    return n
 
 
 # --------------------------------------------------------------------------------------
@@ -61,8 +137,9 @@ def norm_domain(domain: str | None) -> str:
 
 
 class _Importer:
-    def __init__(self, base_dir: str | None):
+    def __init__(self, base_dir: str | None, held: list | None = None):
         self.base_dir = base_dir
+        self.held = held
 
     def constant(self, proto: onnx.TensorProto | onnx.SparseTensorProto) -> gs.Constant:
         if isinstance(proto, onnx.SparseTensorProto):
@@ -70,12 +147,26 @@ class _Importer:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             values: LazyValues = ExternalValues(proto, self.base_dir or "")
         else:
-            values = LazyValues(proto)
+            values = (self.held is not None and self.held_values(proto)) or LazyValues(proto)
         loc = int(proto.data_location) if proto.HasField("data_location") else None
         const = gs.Constant(proto.name, values=values, data_location=loc)
         if proto.doc_string:
             const.doc_string = proto.doc_string
         return const
+
+    def held_values(self, proto: onnx.TensorProto) -> LazyValues | None:
+        """The values a marker names: shared when they are lazy values (a copy of a model),
+        held apart around this proto when they are bytes; None for any other tensor."""
+        if not proto.HasField("raw_data") or _estimated_bytes(proto) < HELD_APART_MIN_BYTES:
+            return None
+        index = held_index(proto.raw_data)
+        if index is None:
+            return None
+        entry = self.held[index]
+        if isinstance(entry, LazyValues):
+            return entry
+        proto.ClearField("raw_data")
+        return InlineValues(proto, entry if isinstance(entry, bytes) else bytes(held_data(entry)))
 
     def graph(self, proto: onnx.GraphProto, outer) -> gs.Graph:
         local: dict[str, gs.Tensor] = {}
@@ -266,13 +357,17 @@ def _place_new_constants(root: gs.Graph) -> dict[int, list[gs.Constant]]:
 
 
 class _Exporter:
-    def __init__(self, placement: dict[int, list[gs.Constant]] | None = None):
+    def __init__(self, placement: dict[int, list[gs.Constant]] | None = None,
+                 held: list | None = None, as_input: Callable[[gs.Constant, bool], bool] | None = None):
         self.domains: set[str] = set()
         self.placement = placement or {}
+        self.held = held
+        self.as_input = as_input
 
-    def graph(self, g: gs.Graph, outer: set[str]) -> onnx.GraphProto:
+    def graph(self, g: gs.Graph, outer: set[str], proto: onnx.GraphProto | None = None,
+              top: bool = False) -> onnx.GraphProto:
         ext = extras(g)
-        proto = onnx.GraphProto()
+        proto = onnx.GraphProto() if proto is None else proto
         proto.name = g.name or ""
         if g.doc_string:
             proto.doc_string = g.doc_string
@@ -318,19 +413,26 @@ class _Exporter:
         for t in g.outputs:
             proto.output.append(_value_info(t, "output"))
 
+        input_names = {t.name for t in g.inputs}
         for t in constants:
             values = t._values
             if isinstance(values, SparseValues):
                 sp = proto.sparse_initializer.add()
                 sp.CopyFrom(values.tensor)
                 sp.values.name = t.name
+            elif self.as_input is not None and self.as_input(t, top):
+                if t.name not in input_names:  # its type and shape, without the data
+                    elem, dims = constant_type(t)
+                    proto.input.append(onnx.helper.make_tensor_value_info(t.name, elem, dims))
             else:
-                proto.initializer.append(_tensor_proto(t))
+                _fill_tensor(t, proto.initializer.add(), self.held)
 
         io_ids = {id(t) for t in g.inputs} | {id(t) for t in g.outputs}
         vi_seen: set[int] = set()
         for node in g.nodes:
-            proto.node.append(self.node(node, defined))
+            if top and self.as_input is not None and self._constant_as_input(node, io_ids, proto):
+                continue
+            self.node(node, defined, proto.node.add())
             for t in node.outputs:
                 if (isinstance(t, gs.Variable) and t.name and id(t) not in io_ids
                         and id(t) not in vi_seen):
@@ -346,8 +448,21 @@ class _Exporter:
             proto.metadata_props.add(key=key, value=value)
         return proto
 
-    def node(self, node: gs.Node, scope: set[str]) -> onnx.NodeProto:
-        p = onnx.NodeProto()
+    def _constant_as_input(self, node: gs.Node, io_ids: set[int], proto: onnx.GraphProto) -> bool:
+        """Write a Constant node whose value ``as_input`` is true for as a typed graph input."""
+        if (node.op != "Constant" or node.domain not in (None, "", "ai.onnx") or node.inputs
+                or len(node.outputs) != 1 or not node.outputs[0].name or id(node.outputs[0]) in io_ids
+                or list(node.attrs) != ["value"]):
+            return False
+        value = node.attrs["value"]
+        if not isinstance(value, gs.Constant) or isinstance(value._values, SparseValues) \
+                or not self.as_input(value, True):
+            return False
+        elem, dims = constant_type(value)
+        proto.input.append(onnx.helper.make_tensor_value_info(node.outputs[0].name, elem, dims))
+        return True
+
+    def node(self, node: gs.Node, scope: set[str], p: onnx.NodeProto) -> None:
         p.op_type = node.op
         if node.name:
             p.name = node.name
@@ -358,7 +473,7 @@ class _Exporter:
         p.output.extend(t.name for t in node.outputs)
         types = vars(node).get("attr_types", {})
         for key, value in node.attrs.items():
-            p.attribute.append(self.attribute(key, value, types.get(key), scope))
+            self.attribute(key, value, types.get(key), scope, p.attribute)
         doc = vars(node).get("doc_string")
         if doc:
             p.doc_string = doc
@@ -367,51 +482,136 @@ class _Exporter:
         overload = vars(node).get("overload")
         if overload:
             p.overload = overload
-        return p
 
-    def attribute(self, key: str, value: Any, attr_type: int | None, scope: set[str]):
+    def attribute(self, key: str, value: Any, attr_type: int | None, scope: set[str], into) -> None:
         A = onnx.AttributeProto
         if isinstance(value, RawAttribute):
-            return value.proto
+            into.append(value.proto)
+            return
         if isinstance(value, gs.Graph):
-            a = A(name=key, type=A.GRAPH)
-            a.g.CopyFrom(self.graph(value, scope))
-            return a
+            a = into.add(name=key, type=A.GRAPH)
+            self.graph(value, scope, a.g)
+            return
         if isinstance(value, list) and value and isinstance(value[0], gs.Graph):
-            a = A(name=key, type=A.GRAPHS)
-            a.graphs.extend(self.graph(v, scope) for v in value)
-            return a
+            a = into.add(name=key, type=A.GRAPHS)
+            for v in value:
+                self.graph(v, scope, a.graphs.add())
+            return
         if isinstance(value, gs.Constant):
-            a = A(name=key, type=A.TENSOR)
-            a.t.CopyFrom(_tensor_proto(value))
-            return a
+            a = into.add(name=key, type=A.TENSOR)
+            _fill_tensor(value, a.t, self.held)
+            return
         if isinstance(value, np.ndarray):
             value = value.tolist()
         elif isinstance(value, np.generic):
             value = value.item()
         if attr_type is not None:
             try:
-                return onnx.helper.make_attribute(key, value, attr_type=attr_type)
+                into.append(onnx.helper.make_attribute(key, value, attr_type=attr_type))
+                return
             except (TypeError, ValueError):
                 pass  # the pass changed the value's kind: infer it below
         if isinstance(value, list) and not value:
             raise ModelSaveError(f"attribute '{key}' is an empty list of unknown type")
-        return onnx.helper.make_attribute(key, value)
+        into.append(onnx.helper.make_attribute(key, value))
 
 
-def _tensor_proto(t: gs.Constant) -> onnx.TensorProto:
+_PLAIN_KINDS = frozenset("biufc")
+
+
+def _plain_array(arr: np.ndarray) -> bool:
+    """Whether ``from_array`` writes this array's bytes as they are (no strings, no
+    packed or ml_dtypes element types)."""
+    return arr.dtype.kind in _PLAIN_KINDS and arr.dtype.names is None and arr.dtype.itemsize >= 1 \
+        and arr.dtype.type.__module__ == "numpy"
+
+
+def _fill_tensor(t: gs.Constant, dst: onnx.TensorProto, held: list | None) -> None:
+    """Write constant ``t`` into ``dst``: the proto it came from, or ``from_array`` of its
+    value; with ``held``, a large tensor's data is a marker appended to it."""
     values = t._values
     if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
-        proto = onnx.TensorProto()
-        proto.CopyFrom(values.tensor)
-        proto.name = t.name
-        return proto
+        if isinstance(values, InlineValues):
+            dst.CopyFrom(values.header)
+            if held is None:
+                dst.raw_data = values.raw
+            else:
+                dst.raw_data = held_marker(len(held))
+                held.append(values)
+        elif (held is not None and not isinstance(values, ExternalValues) and values.tensor.HasField("raw_data")
+              and _estimated_bytes(values.tensor) >= HELD_APART_MIN_BYTES):
+            _copy_header(values.tensor, dst)
+            dst.raw_data = held_marker(len(held))
+            held.append(values)
+        else:
+            dst.CopyFrom(values.tensor)
+        dst.name = t.name
+        return
     arr = np.asarray(values)
-    proto = numpy_helper.from_array(arr, t.name)
+    if held is not None and arr.nbytes >= HELD_APART_MIN_BYTES and _plain_array(arr):
+        dst.dims.extend(arr.shape)  # what from_array writes, the bytes held apart
+        if t.name:
+            dst.name = t.name
+        dst.raw_data = held_marker(len(held))
+        held.append(arr)
+        dst.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    else:
+        dst.CopyFrom(numpy_helper.from_array(arr, t.name))
     doc = vars(t).get("doc_string")
     if doc:
-        proto.doc_string = doc
-    return proto
+        dst.doc_string = doc
+
+
+def _copy_header(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+    """Every field of ``src`` but ``raw_data`` into ``dst``, without copying the data."""
+    for field in src.DESCRIPTOR.fields:
+        name = field.name
+        if name == "raw_data":
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            items = getattr(src, name)
+            if len(items):
+                getattr(dst, name).extend(items)
+        elif src.HasField(name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(dst, name).CopyFrom(getattr(src, name))
+            else:
+                setattr(dst, name, getattr(src, name))
+
+
+def constant_data_bytes(t: gs.Constant) -> int:
+    """Bytes of data the exported tensor proto carries: its ``raw_data``, else four per
+    element of the typed fields; external data counts as larger than any limit."""
+    values = t._values
+    if isinstance(values, ExternalValues):
+        return 1 << 62
+    if isinstance(values, InlineValues):
+        return len(values.raw)
+    if isinstance(values, LazyValues):
+        proto = values.tensor
+    else:
+        arr = np.asarray(values)
+        if _plain_array(arr):
+            return int(arr.nbytes)
+        proto = numpy_helper.from_array(arr)
+    if proto.HasField("raw_data"):
+        return len(proto.raw_data)
+    return int(np.prod(proto.dims)) * 4 if proto.dims else 4
+
+
+def constant_type(t: gs.Constant) -> tuple[int, list[int]]:
+    """ONNX element type and dimensions of a constant, from its header."""
+    values = t._values
+    if isinstance(values, InlineValues):
+        return values.header.data_type, list(values.header.dims)
+    if isinstance(values, LazyValues):
+        return values.tensor.data_type, list(values.tensor.dims)
+    arr = np.asarray(values)
+    if _plain_array(arr):
+        return onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)
+    proto = numpy_helper.from_array(arr)
+    return proto.data_type, list(proto.dims)
 
 
 def _value_info(t: gs.Tensor, role: str) -> onnx.ValueInfoProto:

@@ -80,7 +80,8 @@ _FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 _SHAPE_KEEPING = {"DequantizeLinear", "Cast", "Identity", "Neg", "Abs"}
 
 
-def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None = None) -> list[dict]:
+def layer_figures(reference: Model | None, candidate: Model, passes: list[dict] | None = None, *,
+                  before: dict[str, int | None] | None = None) -> list[dict]:
     """The report's ``layers``: one entry per weighted layer of ``candidate``, in graph order.
 
     A weighted layer is a Conv, ConvTranspose, Gemm, MatMul or MatMulNBits whose weight
@@ -91,7 +92,8 @@ def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None 
     ``channels_before`` (the same layer's channels in ``reference``), ``bits`` (of the
     stored weight: 8 or 4 when quantized, 16 or 32 for floats, ``None`` when unknown) and
     ``float_by_guard`` (quantize's accuracy guard kept it in float). Pruning's channel map
-    (model metadata) says which layers lost channels.
+    (model metadata) says which layers lost channels. ``before`` may give
+    :func:`layer_channels` of the reference instead of the reference itself.
     """
     from .channels import channel_maps, layer_key
 
@@ -100,12 +102,8 @@ def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None 
         guard = record.get("stats", {}).get("guard") if not record.get("rolled_back") else None
         if isinstance(guard, dict):
             guarded |= {f.get("name") for f in guard.get("float_layers") or [] if isinstance(f, dict)}
-    before: dict[str, int | None] = {}
-    memo: dict = {}
-    for node in reference.graph.nodes:
-        found = _weight_of(node, memo)
-        if found is not None:  # passes keep tensor names; a fold renames the output, not the node
-            before[layer_key(node)] = before[f"node:{node.name}"] = _out_channels(node, found[1])
+    if before is None:
+        before = layer_channels(reference)
     maps = channel_maps(candidate)
     rows = []
     memo = {}
@@ -121,6 +119,20 @@ def layer_figures(reference: Model, candidate: Model, passes: list[dict] | None 
                      "channels": channels, "channels_before": before.get(key, before.get(f"node:{node.name}")),
                      "bits": bits, "float_by_guard": node.name in guarded})
     return rows
+
+
+def layer_channels(model: Model) -> dict[str, int | None]:
+    """Output channels of each weighted layer of ``model``, by layer key and by node name
+    (what :func:`layer_figures` reports as ``channels_before``)."""
+    from .channels import layer_key
+
+    before: dict[str, int | None] = {}
+    memo: dict = {}
+    for node in model.graph.nodes:
+        found = _weight_of(node, memo)
+        if found is not None:  # passes keep tensor names; a fold renames the output, not the node
+            before[layer_key(node)] = before[f"node:{node.name}"] = _out_channels(node, found[1])
+    return before
 
 
 def _weight_of(node: gs.Node, memo: dict) -> tuple[str | None, list | None, int | None] | None:

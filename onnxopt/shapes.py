@@ -4,8 +4,8 @@ Exporters often declare value_info and output shapes that disagree with what the
 computes; a rewrite that trusts them can silently change a model's outputs. So
 :func:`infer_shapes` strips every declaration but the graph inputs' before running ONNX
 shape inference (with data propagation, so ``Shape``→``Gather``→``Concat`` chains give
-values), and large weights are replaced by typed inputs so that inference never
-serializes gigabytes.
+values), and large weights are given to it as typed inputs (never copied for it) so that
+inference never serializes gigabytes.
 
 Its answers are keyed by tensor *name*, for the whole model. That is the engine of
 :class:`onnxopt.tensorinfo.ShapeIndex` — what passes ask about a gs tensor, by identity —
@@ -16,6 +16,7 @@ names are unique only per scope, and a name says nothing about a tensor created 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import onnx
 from onnx import shape_inference
 
 from .model import Model
+from .proto_convert import constant_data_bytes, constant_type
 
 __all__ = ["TensorInfo", "infer_shapes", "static_shape"]
 
@@ -50,15 +52,6 @@ def _strip(g: onnx.GraphProto, top: bool) -> None:
     for out in g.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
-    big = [t for t in g.initializer if _nbytes(t) > _BIG]
-    if big:
-        keep = [t for t in g.initializer if _nbytes(t) <= _BIG]
-        names = {i.name for i in g.input}
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        for t in big:
-            if t.name not in names:
-                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for node in g.node:
         for a in node.attribute:
             if a.HasField("g"):
@@ -67,12 +60,22 @@ def _strip(g: onnx.GraphProto, top: bool) -> None:
                 _strip(sub, False)
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return _BIG + 1
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    return int(np.prod(t.dims)) * 4 if t.dims else 4
+#: Floating-point element types: no inference function reads the values of a float input
+#: of more than a few elements (scales, Range's scalars: one element per axis at most).
+_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                     onnx.TensorProto.BFLOAT16})
+_FEW = 64
+
+
+def _data_not_needed(t, top: bool) -> bool:
+    """Whether inference gets initializer ``t`` as a typed input instead of its data: any
+    above 1 MB, and in the top graph a float tensor of more than a few elements (a body
+    of an If or Loop must not change its inputs for that)."""
+    if top:
+        elem, dims = constant_type(t)
+        if elem in _FLOATS and math.prod(dims) > _FEW:
+            return True
+    return constant_data_bytes(t) > _BIG
 
 
 def _info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
@@ -97,8 +100,13 @@ def infer_shapes(model: Model) -> dict[str, TensorInfo]:
     """Name -> :class:`TensorInfo` for every tensor ONNX shape inference can type,
     subgraphs included. Declared value_info and output shapes are ignored; graph input
     declarations are kept (they are the model's contract). Never raises: a graph that
-    inference cannot handle yields what it could infer (possibly nothing)."""
-    proto = model.to_proto()
+    inference cannot handle yields what it could infer (possibly nothing). Passes that
+    follow passes that changed nothing share one inference (:meth:`Model.analysis`)."""
+    return model.analysis("infer_shapes", lambda: _infer_shapes(model))
+
+
+def _infer_shapes(model: Model) -> dict[str, TensorInfo]:
+    proto = model.to_proto(weights_as_inputs=_data_not_needed)
     _strip(proto.graph, True)
     try:
         inferred = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)

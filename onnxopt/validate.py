@@ -28,14 +28,17 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from .data import check_feeds, random_feeds
 from .errors import FeedError, ProviderUnavailable, UsageError
 from .model import EXTERNAL_DATA_THRESHOLD, Model
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -69,6 +72,8 @@ class ReferenceFailed(UsageError):
 
 def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build offers."""
+    import onnxruntime as ort  # imported where used: a run without validation never needs it
+
     have = set(ort.get_available_providers())
     return [short for short, full in PROVIDERS.items() if full in have]
 
@@ -101,6 +106,8 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
     folder by default) and loaded from there. ``optimization`` is ``disable``, ``basic``,
     ``extended`` or ``all``; ``optimized_path`` saves onnxruntime's optimized graph.
     """
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     # onnxruntime logs a failing kernel in colour on stderr, before our one-line error
     # says the same: its own log is for --debug (our logger at DEBUG) only.
@@ -156,6 +163,8 @@ def _without_trailing_empty_inputs(model: Model) -> Model:
 def run_model(model: Model | ort.InferenceSession, feeds: Mapping[str, np.ndarray],
               provider: str = "cpu") -> dict[str, np.ndarray]:
     """Run once; returns output name -> array."""
+    import onnxruntime as ort
+
     sess = model if isinstance(model, ort.InferenceSession) else make_session(model, provider)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds))))

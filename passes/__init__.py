@@ -1,32 +1,34 @@
 """The pass library, imported as ``onnxopt.passes``.
 
-Importing this package registers every built-in pass and the presets. A pass module
-imports only the core (``onnxopt.model``, ``onnxopt.graph``, ``onnxopt.framework`` ...)
-and numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
+Importing this package names every built-in pass with the module that defines it, and
+registers the presets; a pass module is imported (and its pass registered) when the pass
+is first asked for, so that a run imports only the passes it uses. A pass module imports
+only the core (``onnxopt.model``, ``onnxopt.graph``, ``onnxopt.framework`` ...) and
+numpy/networkx/onnx/onnx-graphsurgeon — never another pass.
 """
 
-from onnxopt.framework import register_preset
+from onnxopt.framework import declare_passes, register_preset
 
-from . import (  # noqa: F401  (importing a module registers its passes)
-    cse,
-    dead_nodes,
-    dedup_weights,
-    distill,
-    eliminate_noops,
-    finetune,
-    fold_batchnorm,
-    fold_constants,
-    fp16,
-    fuse,
-    inline_if,
-    materialize,
-    merge_neurons,
-    prune_channels,
-    prune_magnitude,
-    quantize,
-    reconstruct,
-    share_weights,
-)
+declare_passes(__name__, {
+    "cse": "cse",
+    "dead-nodes": "dead_nodes",
+    "dedup-weights": "dedup_weights",
+    "distill": "distill",
+    "eliminate-noops": "eliminate_noops",
+    "finetune": "finetune",
+    "fold-batchnorm": "fold_batchnorm",
+    "fold-constants": "fold_constants",
+    "fp16": "fp16",
+    "fuse": "fuse",
+    "inline-if": "inline_if",
+    "materialize": "materialize",
+    "merge-neurons": "merge_neurons",
+    "prune-channels": "prune_channels",
+    "prune-magnitude": "prune_magnitude",
+    "quantize": "quantize",
+    "reconstruct": "reconstruct",
+    "share-weights": "share_weights",
+})
 
 register_preset(
     "default",

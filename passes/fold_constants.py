@@ -7,9 +7,11 @@ out of it) — a dynamic dimension is never frozen: a ``Reshape`` target assembl
 data's own dimensions becomes a constant with 0 (copy) entries. Constant nodes become
 initializers. Shapes come from :class:`onnxopt.tensorinfo.ShapeIndex`.
 
-Values are computed by onnxruntime's own kernels (single-node sessions, reused across
-nodes of one signature): the model is validated and served on onnxruntime, so the folded
-values are the ones it would compute.
+The folded values are the ones onnxruntime computes (the model is validated and served
+on onnxruntime): nodes that only move, select, cast or do integer arithmetic on values are
+evaluated with numpy (:mod:`onnxopt.node_eval`), which gives the same values to the bit
+without importing the runtime; every other node runs on onnxruntime, one single-node
+session per node signature, reused across nodes.
 
 Never folded: other domains than the standard one, non-deterministic ops,
 QuantizeLinear/DequantizeLinear (a quantized weight folded back to float undoes the
@@ -34,14 +36,13 @@ from collections import Counter
 from functools import cached_property
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import NameAllocator, const_value, constant_node_value, replace_uses
 from onnxopt.model import Model, RawAttribute, iter_graphs, node_subgraphs, tensor_nbytes
+from onnxopt.node_eval import NodeEvaluator, NotEvaluable
 from onnxopt.rewrite import drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.weights.decode import COMPACT, decoder_cone, storage_of
@@ -159,7 +160,7 @@ class _FoldPlanner:
         self.reshape_targets: list[tuple[gs.Node, np.ndarray]] = []
         self.skipped: Counter = Counter()
         self.outputs = {id(t) for g in graphs for t in g.outputs}
-        self.evaluator = _Evaluator(model)
+        self.evaluator = NodeEvaluator(model.opset_imports, model.ir_version)
         self.cone = _condition_cone(graphs) if use_shapes else set()
         self.protected: set[int] = set()  # nodes that expand compact weight storage
         self.grow_limit: int | None = None  # most bytes one fold may add (None: no bound)
@@ -259,7 +260,7 @@ class _FoldPlanner:
             return self.skip(node, "unsupported_type")
         try:
             results = self.evaluator.run(node, inputs)
-        except _Unsupported as exc:
+        except NotEvaluable as exc:
             log.debug("fold-constants: cannot evaluate %s (%s): %s", node.name or "?", node.op, exc)
             return self.skip(node, "eval_failed")
         if any(r is not None and not _plain(r.dtype) for r in results):
@@ -591,94 +592,6 @@ def _plain(dtype) -> bool:
     if isinstance(dtype, int):
         return False
     return np.dtype(dtype).kind in "biuf"
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation on onnxruntime
-# --------------------------------------------------------------------------------------
-
-
-class _Unsupported(Exception):
-    pass
-
-
-class _Evaluator:
-    """Runs single nodes on onnxruntime, one cached session per node signature."""
-
-    def __init__(self, model: Model):
-        self.opsets = [helper.make_opsetid(d, v) for d, v in sorted(model.opset_imports.items())]
-        self.ir_version = max(model.ir_version, 7)
-        self.sessions: dict[bytes, ort.InferenceSession | None] = {}
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.options.intra_op_num_threads = 1
-        self.options.inter_op_num_threads = 1
-        self.options.log_severity_level = 4
-
-    def run(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
-        in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
-        out_names = [f"o{k}" if t.name else "" for k, t in enumerate(node.outputs)]
-        try:
-            proto = helper.make_node(node.op, in_names, out_names, domain=node.domain or "")
-            proto.attribute.extend(_attributes(node))
-            graph = helper.make_graph(
-                [proto], "fold",
-                [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-                 for n, v in zip(in_names, inputs) if v is not None],
-                [onnx.ValueInfoProto(name=n) for n in out_names if n])
-            m = helper.make_model(graph, opset_imports=self.opsets)
-            m.ir_version = self.ir_version
-            key = m.SerializeToString(deterministic=True)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise _Unsupported(f"cannot express the node: {exc}") from exc
-        session = self.sessions.get(key, False)
-        if session is False:
-            try:
-                session = ort.InferenceSession(key, sess_options=self.options,
-                                               providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime rejects the node: not ours to fold
-                self.sessions[key] = None
-                raise _Unsupported(_first_line(exc)) from exc
-            self.sessions[key] = session
-        if session is None:
-            raise _Unsupported("onnxruntime rejects this node")
-        feeds = {n: np.asarray(v) for n, v in zip(in_names, inputs) if v is not None}
-        try:
-            results = session.run([n for n in out_names if n], feeds)
-        except Exception as exc:
-            raise _Unsupported(_first_line(exc)) from exc
-        it = iter(results)
-        out: list[np.ndarray | None] = []
-        for n in out_names:
-            if not n:
-                out.append(None)
-                continue
-            r = next(it)
-            if not isinstance(r, np.ndarray):
-                raise _Unsupported("result is not a tensor")
-            out.append(r)
-        return out
-
-
-def _attributes(node: gs.Node) -> list[onnx.AttributeProto]:
-    types = vars(node).get("attr_types", {})
-    out = []
-    for key, value in node.attrs.items():
-        if isinstance(value, RawAttribute):
-            out.append(value.proto)
-        elif isinstance(value, gs.Constant):
-            out.append(helper.make_attribute(key, numpy_helper.from_array(np.asarray(value.values))))
-        elif isinstance(value, gs.Graph):
-            raise ValueError("graph attribute")
-        elif key in types:
-            out.append(helper.make_attribute(key, value, attr_type=types[key]))
-        else:
-            out.append(helper.make_attribute(key, value))
-    return out
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # --------------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnxopt.data import check_feeds, random_feeds
 from onnxopt.errors import OnnxoptError
@@ -61,6 +61,9 @@ from onnxopt.model import EXTERNAL_DATA_THRESHOLD, Model, extras, iter_graphs, n
 from onnxopt.rewrite import const_value_if_small, drop_nodes, gc_paused, prune_unused
 from onnxopt.tensorinfo import ShapeIndex
 from onnxopt.validate import compare_outputs, make_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["InlineIf"]
 
@@ -454,6 +457,8 @@ def _feeds(model: Model, ctx: PassContext) -> dict | None:
 
 
 def _run(session: ort.InferenceSession, feeds: dict) -> dict:
+    import onnxruntime as ort  # imported where used: a run with nothing to inline never needs it
+
     options = ort.RunOptions()
     options.log_severity_level = 4  # a failed run is an answer here, not an error to log
     names = [o.name for o in session.get_outputs()]

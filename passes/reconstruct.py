@@ -23,11 +23,11 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnxopt.channels import channel_maps, layer_key
 from onnxopt.errors import UsageError
@@ -35,6 +35,9 @@ from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.graph import const_through_shape_ops, write_constant
 from onnxopt.model import Model
 from onnxopt.shapes import infer_shapes
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["Reconstruct", "find_layers", "Layer"]
 
@@ -365,6 +368,8 @@ def _sub_session(proto: onnx.ModelProto, inputs: list[str], outputs: list[str], 
     sub = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import))
     sub.ir_version = max(proto.ir_version, 4)
     sub.functions.extend(proto.functions)
+    import onnxruntime as ort  # imported where used: loading the pass library must not need it
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(sub.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])

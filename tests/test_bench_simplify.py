@@ -14,11 +14,12 @@ from benchmarks.simplify import (
     big_model,
     chain_model,
     figures,
+    process_targets,
     same_outputs,
     tables,
     targets,
 )
-from benchmarks.simplify_tools import isolated, run_tool
+from benchmarks.simplify_tools import interpreter_rss, isolated, run_tool, whole_process
 from onnxopt import Model
 from tests.helpers import assert_same_outputs
 
@@ -88,3 +89,44 @@ def test_tables_render_failures_and_targets():
     assert "4 ✗" in text and "crashed (exit code -11)" in text
     assert "nodes ≤ the best correct peer on 1/1, strictly fewer on 1/1" in text
     assert "wall time ≤ the fastest correct peer on 0/1; slower on m 500 vs 100 ms" in text
+
+
+def test_a_tool_runs_as_a_whole_process_of_its_own(tmp_path):
+    path = tmp_path / "chain.onnx"
+    chain_model(5, path)
+    res = whole_process("onnxopt", str(path), str(tmp_path / "out.onnx"), PASSES_B, timeout=300)
+    assert res["ok"] and res["converged"]
+    assert res["process_seconds"] >= res["seconds"] and res["process_cpu"] > 0  # imports included
+    assert res["peak_rss"] >= res["baseline_rss"] > 0
+    failed = whole_process("no-such-tool", str(path), str(tmp_path / "x.onnx"), None, timeout=300)
+    assert not failed["ok"] and failed["error"].startswith("ValueError")
+    slow = whole_process("onnxopt", str(path), str(tmp_path / "y.onnx"), PASSES_B, timeout=0.01)
+    assert not slow["ok"] and "timed out" in slow["error"]
+    assert interpreter_rss() > 0
+
+
+def test_whole_process_targets_judge_time_and_memory():
+    def tool(seconds, cpu, peak):
+        return {"ok": True, "equal": True, "signature_kept": True, "process_seconds": seconds, "process_cpu": cpu,
+                "peak_rss": peak * 2**20}
+
+    size = 60 * 2**20
+    data = {
+        "interpreter_rss": 64 * 2**20,
+        "columns": [("onnxopt default", "onnxopt", "default"), ("onnxoptimizer", "onnxoptimizer", None),
+                    ("onnxsim", "onnxsim", None), ("onnxslim", "onnxslim", None)],
+        "models": [
+            {"model": "minilm", "original": {"bytes": size},
+             "tools": {"onnxopt default": tool(2.0, 1.2, 200), "onnxoptimizer": tool(2.5, 1.8, 480),
+                       "onnxsim": {"ok": False}, "onnxslim": tool(3.0, 2.0, 600)}},
+            {"model": "ppocr-cls", "original": {"bytes": 2**19},
+             "tools": {"onnxopt default": tool(1.3, 1.0, 70), "onnxoptimizer": tool(1.0, 0.9, 53),
+                       "onnxsim": {**tool(0.5, 0.5, 40), "equal": False}, "onnxslim": tool(2.0, 1.9, 90)}},
+        ],
+    }
+    lines = "\n".join(process_targets(data))
+    assert "whole-process wall time ≤ 1.1× the fastest correct peer (≥ 1 MiB) or ≤ +0.25 s (smaller) on 1/2 " \
+           "real models; above on ppocr-cls 1.30 vs 1.00 s" in lines  # onnxsim's wrong result does not count
+    assert "whole-process CPU time" in lines and "on 2/2 real models." in lines
+    assert "≤ 3× the model's bytes on 1/1 models of 50 MiB or more." in lines  # (200 - 64) / 60 < 3
+    assert "leanest correct peer's on 1/2 models; above on ppocr-cls 70 vs 53 MiB" in lines

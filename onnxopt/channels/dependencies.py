@@ -22,14 +22,17 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import onnx_graphsurgeon as gs
 
 from ..graph import implicit_inputs
 from ..model import Model, node_subgraphs
 from .flow import ChannelFlow, label
 from .layer_ops import LAYER_RULES
+
+if TYPE_CHECKING:
+    import networkx as nx
 from .layout import Layout, Member
 from .per_channel_ops import ELEMENTWISE, PER_CHANNEL_RULES
 from .shape_ops import SHAPE_RULES
@@ -76,7 +79,11 @@ class ChannelGroups:
                  skipped: Mapping[str, int] | None = None, joins: nx.Graph | None = None):
         self.skipped = dict(skipped or {})
         #: spaces (nodes) and the residual joins between them (edges, ``where`` = the op)
-        self.joins = joins if joins is not None else nx.Graph()
+        if joins is None:
+            import networkx as nx  # imported where used: the pass library loads without it
+
+            joins = nx.Graph()
+        self.joins = joins
         self.model = model
         self.groups = groups
         self.by_id = {g.id: g for g in groups}
@@ -167,6 +174,8 @@ def _groups(flow: ChannelFlow) -> ChannelGroups:
     smallest space."""
     roots: dict[int, list[int]] = {}
     root_of: dict[int, int] = {}
+    import networkx as nx
+
     for component in nx.connected_components(flow.joins):
         spaces = sorted(component)
         roots[spaces[0]] = spaces

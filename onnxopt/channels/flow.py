@@ -13,7 +13,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
-import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -63,6 +62,8 @@ class ChannelFlow:
         self.order: list[int] = []
         self.size: dict[int, int] = {}
         self.origin: dict[int, str] = {}
+        import networkx as nx  # imported where used: the pass library loads without it
+
         self.joins = nx.Graph()  # spaces; an edge = two spaces added position-wise
         self.reasons: dict[int, list[str]] = {}
         self.members: list[Member] = []

@@ -4,8 +4,8 @@ A *decoder cone* is the set of nodes computing a tensor when every node is one o
 :data:`DECODER_OPS` and every leaf is a constant: the expansion that the storage writer
 emits, also after other passes merged its shared constants or nodes. Its value is
 computed here with numpy, exactly as onnxruntime computes it (the ops move values
-without float arithmetic), so that passes can read a compressed weight, rewrite it, or
-check that a storage gives back its values. :func:`storage_of` names the storage form a
+without float arithmetic; the kernels are :mod:`onnxopt.node_eval`'s), so that passes
+can read a compressed weight, rewrite it, or check that a storage gives back its values. :func:`storage_of` names the storage form a
 cone implements.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value
+from ..node_eval import NotEvaluable, evaluate_node
 
 __all__ = [
     "COMPACT",
@@ -124,195 +124,15 @@ def evaluate(t: gs.Tensor, memo: dict[int, np.ndarray]) -> np.ndarray:
         node = t.inputs[0]
         args = [None if (isinstance(x, gs.Variable) and not x.name) else evaluate(x, memo)
                 for x in node.inputs]
-        fn = _INTERPRETER.get(node.op)
-        if fn is None:
-            raise NotDecodable(f"no evaluator for {node.op}")
         try:
-            result = fn(node, args)
-        except (ValueError, IndexError, TypeError, KeyError) as exc:
-            raise NotDecodable(f"{node.op}: {exc}") from exc
-        if node.op == "Split":
-            if len(result) != len(node.outputs):
-                raise NotDecodable("Split gives another number of outputs")
-            for o, r in zip(node.outputs, result):
-                memo[id(o)] = r
-            out = memo[id(t)]
-        elif len(node.outputs) != 1:
-            raise NotDecodable(f"{node.op} with {len(node.outputs)} outputs")
-        else:
-            out = result
+            results = evaluate_node(node, args)
+        except NotEvaluable as exc:
+            raise NotDecodable(str(exc)) from exc
+        for o, r in zip(node.outputs, results):
+            memo[id(o)] = r
+        out = memo[id(t)]
     memo[id(t)] = out
     return out
-
-
-def _np_dtype(onnx_type: int) -> np.dtype:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
-
-
-def _attr_or_input(node: gs.Node, args: list, index: int, attr: str):
-    if len(args) > index and args[index] is not None:
-        return [int(v) for v in np.asarray(args[index]).ravel()]
-    value = node.attrs.get(attr)
-    return None if value is None else [int(v) for v in value]
-
-
-def _op_bitshift(node, args):
-    a, b = args
-    if a.dtype.kind != "u":
-        raise ValueError("BitShift on a signed type")
-    b = b.astype(a.dtype)
-    if node.attrs.get("direction") == "LEFT":
-        return np.left_shift(a, b).astype(a.dtype)
-    if node.attrs.get("direction") == "RIGHT":
-        return np.right_shift(a, b).astype(a.dtype)
-    raise ValueError("BitShift direction")
-
-
-def _op_cast(node, args):
-    return args[0].astype(_np_dtype(int(node.attrs["to"])))
-
-
-def _op_gather(node, args):
-    data, idx = args
-    axis = int(node.attrs.get("axis", 0))
-    idx = np.asarray(idx).astype(np.int64)
-    idx = np.where(idx < 0, idx + data.shape[axis], idx)
-    return np.take(data, idx, axis=axis)
-
-
-def _op_reshape(node, args):
-    data, shape = args
-    shape = [int(s) for s in np.asarray(shape).ravel()]
-    if not node.attrs.get("allowzero", 0):
-        shape = [data.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return data.reshape(shape)
-
-
-def _op_slice(node, args):
-    data = args[0]
-    starts, ends = np.asarray(args[1]).ravel(), np.asarray(args[2]).ravel()
-    axes = np.asarray(args[3]).ravel() if len(args) > 3 and args[3] is not None else np.arange(len(starts))
-    steps = np.asarray(args[4]).ravel() if len(args) > 4 and args[4] is not None else np.ones(len(starts), np.int64)
-    index = [slice(None)] * data.ndim
-    for s, e, a, st in zip(starts, ends, axes, steps):
-        a = int(a) + (data.ndim if a < 0 else 0)
-        dim = data.shape[a]
-        s, e, st = int(s), int(e), int(st)
-        if st == 0:
-            raise ValueError("Slice step 0")
-        s = max(min(s + dim if s < 0 else s, dim if st > 0 else dim - 1), 0 if st > 0 else -1)
-        e = max(min(e + dim if e < 0 else e, dim if st > 0 else dim - 1), 0 if st > 0 else -1)
-        index[a] = slice(s, None if (st < 0 and e < 0) else e, st)
-    return data[tuple(index)]
-
-
-def _op_cumsum(node, args):
-    x, axis = args
-    axis = int(np.asarray(axis).ravel()[0])
-    if node.attrs.get("reverse", 0):
-        x = np.flip(x, axis)
-    out = np.cumsum(x, axis=axis, dtype=x.dtype)
-    if node.attrs.get("exclusive", 0):
-        out = out - x
-    if node.attrs.get("reverse", 0):
-        out = np.flip(out, axis)
-    return out
-
-
-def _op_constant_of_shape(node, args):
-    shape = [int(s) for s in np.asarray(args[0]).ravel()]
-    value = node.attrs.get("value")
-    fill = np.asarray(value.values).ravel() if isinstance(value, gs.Constant) else np.zeros(1, np.float32)
-    return np.full(shape, fill[0], dtype=fill.dtype)
-
-
-def _op_scatter_nd(node, args):
-    data, indices, updates = args
-    if node.attrs.get("reduction", "none") not in ("none", b"none"):
-        raise ValueError("ScatterND with a reduction")
-    out = np.array(data, copy=True)
-    indices = np.asarray(indices).astype(np.int64)
-    k = indices.shape[-1]
-    flat_idx = indices.reshape(-1, k)
-    upd = np.asarray(updates).reshape((flat_idx.shape[0],) + data.shape[k:])
-    for dim in range(k):
-        col = flat_idx[:, dim]
-        flat_idx[:, dim] = np.where(col < 0, col + data.shape[dim], col)
-    out[tuple(flat_idx.T)] = upd
-    return out
-
-
-def _op_unsqueeze(node, args):
-    axes = _attr_or_input(node, args, 1, "axes")
-    out = args[0]
-    rank = out.ndim + len(axes)
-    for a in sorted(a + rank if a < 0 else a for a in axes):
-        out = np.expand_dims(out, a)
-    return out
-
-
-def _op_squeeze(node, args):
-    axes = _attr_or_input(node, args, 1, "axes")
-    if axes is None:
-        return np.squeeze(args[0])
-    return np.squeeze(args[0], axis=tuple(a + args[0].ndim if a < 0 else a for a in axes))
-
-
-def _op_concat(node, args):
-    return np.concatenate([a for a in args if a is not None], axis=int(node.attrs["axis"]))
-
-
-def _op_split(node, args):
-    data = args[0]
-    axis = int(node.attrs.get("axis", 0))
-    sizes = _attr_or_input(node, args, 1, "split")
-    n = len(node.outputs)
-    if sizes is None:
-        dim = data.shape[axis]
-        step = -(-dim // n)
-        sizes = [min(step, dim - i * step) for i in range(n)]
-    if sum(sizes) != data.shape[axis] or len(sizes) != n:
-        raise ValueError("Split sizes do not match")
-    return np.split(data, np.cumsum(sizes)[:-1], axis=axis)
-
-
-def _op_add(node, args):
-    a, b = args
-    if a.dtype != b.dtype:
-        raise ValueError("Add of two dtypes")
-    return np.add(a, b, dtype=a.dtype)
-
-
-def _op_scatter_elements(node, args):
-    data, indices, updates = args
-    if node.attrs.get("reduction", "none") not in ("none", b"none"):
-        raise ValueError("ScatterElements with a reduction")
-    axis = int(node.attrs.get("axis", 0))
-    axis += data.ndim if axis < 0 else 0
-    out = np.array(data, copy=True)
-    idx = np.asarray(indices).astype(np.int64)
-    idx = np.where(idx < 0, idx + data.shape[axis], idx)
-    np.put_along_axis(out, idx, np.asarray(updates), axis=axis)
-    return out
-
-
-_INTERPRETER = {
-    "ScatterElements": _op_scatter_elements,
-    "Split": _op_split,
-    "Add": _op_add,
-    "BitShift": _op_bitshift,
-    "Cast": _op_cast,
-    "Gather": _op_gather,
-    "Reshape": _op_reshape,
-    "Slice": _op_slice,
-    "CumSum": _op_cumsum,
-    "ConstantOfShape": _op_constant_of_shape,
-    "ScatterND": _op_scatter_nd,
-    "Unsqueeze": _op_unsqueeze,
-    "Squeeze": _op_squeeze,
-    "Identity": lambda node, args: args[0],
-    "Concat": _op_concat,
-}
 
 
 def cone_storage(cone: list[gs.Node]) -> str:
