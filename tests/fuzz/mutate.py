@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 from onnx import AttributeProto, TensorProto, helper
 
 __all__ = ["MUTATORS", "PRESERVING", "mutate", "mutate_bytes", "graphs_of"]
@@ -585,8 +586,13 @@ def duplicate_node(m: onnx.ModelProto, rng: random.Random) -> str | None:
 def declared_shape(m: onnx.ModelProto, rng: random.Random) -> str | None:
     """A value_info entry declares a shape the graph does not compute (same rank, other
     sizes): a pass must never trust it."""
-    vis = [v for g in graphs_of(m.graph) for v in g.value_info
-           if v.type.HasField("tensor_type") and v.type.tensor_type.shape.dim]
+    def declared():
+        return [v for g in graphs_of(m.graph) for v in g.value_info
+                if v.type.HasField("tensor_type") and v.type.tensor_type.shape.dim]
+    vis = declared()
+    if not vis:  # a model without declarations gets the inferred ones first
+        m.graph.value_info.extend(onnx.shape_inference.infer_shapes(m).graph.value_info)
+        vis = declared()
     if not vis:
         return None
     v = rng.choice(vis)
