@@ -144,7 +144,7 @@ def test_does_not_merge_what_only_looks_alike(a, b):
 
 
 def test_confirms_bytes_when_digests_collide(monkeypatch):
-    import passes.dedup_weights as mod
+    import onnxopt.passes.dedup_weights as mod
 
     class Same:
         def __init__(self, *args, **kwargs):
