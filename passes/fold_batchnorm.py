@@ -41,7 +41,7 @@ class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
     # The README's pass table repeats this line (a test compares them): it names Mul/Add for
     # the whole per-channel family, Div and Sub included.
-    summary = "fold BatchNormalization and per-channel Mul/Add into the preceding Conv/Gemm/MatMul"
+    summary = "fold BatchNormalization and per-channel Mul/Div/Add/Sub into the preceding Conv/ConvTranspose/Gemm/MatMul"
     exact = True
     options = {}
 
