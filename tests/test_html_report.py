@@ -278,3 +278,20 @@ def test_preload_imports_the_plotting_library_in_the_background():
     thread.join(timeout=60)
     assert not thread.is_alive() and thread.daemon
     assert "matplotlib.figure" in sys.modules and "matplotlib.backends.backend_svg" in sys.modules
+
+
+def test_a_real_finetune_run_draws_its_loss_and_holdout_curves():
+    pytest.importorskip("torch")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(20)]
+    pipeline = "prune-magnitude(sparsity=0.8),finetune(steps=20,eval_every=5,threads=1)"
+    _, report = optimize(builders.mlp(), pipeline, calibration=calib, min_cosine=0.5, runs=0)
+    data = report.as_dict()
+    history = data["passes"][-1]["stats"]["history"]
+    assert len(history["loss"]) == len(history["step"]) > 0 and history["holdout"]
+    page = render_html(data)
+    _assert_self_contained(page)
+    figures = _assert_plots(page, {f"history{len(data['passes']) - 1}"})
+    assert "holdout" in figures[f"history{len(data['passes']) - 1}"]
