@@ -345,9 +345,9 @@ def _add_decoded(plan: TrainPlan, model: Model, roots: list[gs.Tensor], selected
             plan.skipped["compact block too large to map"] += len(wanted)
             continue
         memo, offsets, start = {}, [], 1
-        for x, n in zip(leaves, sizes):
-            shape = np.asarray(const_value(x, load=False)).shape
-            memo[id(x)] = np.arange(start, start + n, dtype=np.float64).reshape(shape)
+        for x, n in zip(leaves, sizes):  # numbered in the leaf's own type, as the decoder's ops expect
+            value = np.asarray(const_value(x, load=False))
+            memo[id(x)] = np.arange(start, start + n, dtype=np.float64).astype(value.dtype).reshape(value.shape)
             offsets.append(start)
             start += n
         maps = {id(r): tensor_value(r, memo) for r in members}

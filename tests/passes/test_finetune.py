@@ -349,3 +349,19 @@ def test_a_hint_on_a_concat_of_pruned_branches_reads_the_teacher_channels_each_b
     assert ran.stats["losses"]["cat"] == "hint"
     assert ran.stats["fidelity_after"] >= ran.stats["fidelity_before"]
     assert _constants(ran.model) == _constants(student)
+
+
+def test_pruned_weights_in_sparse_storage_train_and_keep_their_zeros(digits):
+    """prune-magnitude alone stores the layers sparsely (values scattered into zeros by
+    the decoder): those values train, the zeros stay where they are."""
+    model, calib, x_test, y_test, _ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.9,scope=global)")
+    ran = _finetune(student, model, calib, steps=100)
+    s = ran.stats
+    assert s["trained"]["skipped"] == {} and s["trained"]["storages"].get("sparse") == 3
+    before, after = _layer_values(student), _layer_values(ran.model)
+    for name, old in before.items():
+        assert np.array_equal(old == 0, after[name] == 0), f"{name}: zeros moved"
+        assert not np.array_equal(old, after[name]), f"{name}: not trained"
+    assert accuracy(ran.model, x_test, y_test) > accuracy(student, x_test, y_test) + 0.02
+    assert _ops(ran.model) == _ops(student) and _constants(ran.model) == _constants(student)
