@@ -162,3 +162,11 @@ def test_without_ray_train_the_command_line_exits_2(digits, monkeypatch, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and not out.exists()
     assert len(err.splitlines()) == 1 and "onnxopt[search]" in err
+
+
+@needs_ray_train
+def test_more_workers_than_the_cluster_has_cpus_is_one_line_not_a_wait(digits, local_ray):
+    model, student, calib, *_ = digits
+    cpus = int(local_ray.cluster_resources().get("CPU", 0))
+    with pytest.raises(UsageError, match=f"workers={cpus + 1} needs {cpus + 1} CPUs in the Ray cluster; it has {cpus}"):
+        run_pass("finetune", student, PassContext(reference=model, calibration=calib), workers=cpus + 1, **OPTIONS)
