@@ -170,3 +170,24 @@ def test_more_workers_than_the_cluster_has_cpus_is_one_line_not_a_wait(digits, l
     cpus = int(local_ray.cluster_resources().get("CPU", 0))
     with pytest.raises(UsageError, match=f"workers={cpus + 1} needs {cpus + 1} CPUs in the Ray cluster; it has {cpus}"):
         run_pass("finetune", student, PassContext(reference=model, calibration=calib), workers=cpus + 1, **OPTIONS)
+
+
+@pytest.mark.slow
+@needs_ray_train
+def test_ragged_samples_one_by_one_on_two_workers_match_one_worker(local_ray):
+    from models.transformer import token_feeds, transformer
+
+    model = Model.from_proto(transformer())
+    calib = token_feeds(10, vocab=128, low=5, seed=0)  # sequences of different lengths: no stacking
+    student = model.copy()
+    PassManager("prune-magnitude(sparsity=0.6)").run(student, PassContext(reference=model, calibration=calib))
+    ctx = PassContext(reference=model, calibration=calib)
+    options = {"threads": 1, "steps": 6, "batch": 4, "lr": 0.002}
+    one = run_pass("finetune", student, ctx, **options)
+    two = run_pass("finetune", student, ctx, workers=2, **options)
+    assert not two.stats["batched"] and two.stats["worker_batch"] == 2 and two.modified
+    assert abs(two.stats["fidelity_after"] - one.stats["fidelity_after"]) <= TOLERANCE
+    assert two.stats["fidelity_after"] > two.stats["fidelity_before"]
+    old, a, b = _layer_values(student), _layer_values(one.model), _layer_values(two.model)
+    for name, value in old.items():
+        assert np.array_equal(value == 0, b[name] == 0) and np.allclose(a[name], b[name], atol=1e-4)
