@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from ..errors import UsageError
 
 __all__ = ["InProcessExecutor", "RayExecutor", "make_executor", "ray_available", "check_reachable",
-           "ray_map_shards", "CONNECT_TIMEOUT"]
+           "ray_map_shards", "join_or_start_ray", "CONNECT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,20 @@ def ray_map_shards(fn: Callable, items: Sequence) -> list:
     starts a local one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    join_or_start_ray()
     remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fn)
     return ray.get([remote.remote(item) for item in items])
+
+
+def join_or_start_ray(cpus: int | None = None) -> bool:
+    """Use the Ray initialised in this process, or start a local one (with ``cpus`` CPUs,
+    default this machine's); True when this call started it (its caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    return True
 
 
 def _on_ray(fn: Callable, job: dict, shared) -> dict:

@@ -30,6 +30,10 @@ and holdout fidelity) and after, ``patience`` evaluations without improvement st
 run, and the best state is kept (nothing changes if none beat the start). The same seed
 and data give the same model, byte for byte.
 
+With ``workers`` above 1 the same loop runs data-parallel on Ray Train (:mod:`.data_parallel`):
+each worker interprets the same student, runs its share of every batch, and the
+gradients are summed over the workers before every step.
+
 PyTorch is an optional extra (``pip install 'onnxopt[train]'``); this module imports
 without it, and the pass says which extra to install when it is missing. Figures are in
 the README's benchmark section.
@@ -44,9 +48,10 @@ from onnxopt.errors import PipelineError, UsageError
 from onnxopt.framework import Opt, Pass, PassContext, PassResult, register
 from onnxopt.model import Model
 
-__all__ = ["Finetune", "EXTRA"]
+__all__ = ["Finetune", "EXTRA", "PARALLEL_EXTRA"]
 
 EXTRA = "train"
+PARALLEL_EXTRA = "search"  # Ray, with Ray Train: data-parallel training (workers > 1)
 
 
 @register
@@ -82,7 +87,9 @@ class Finetune(Pass):
         "include": Opt(list, [], "only tensors whose name or node name matches one of these regexes"),
         "exclude": Opt(list, [], "never tensors whose name or node name matches one of these regexes"),
         "samples": Opt(int, 512, "calibration samples to use (0: all)", minimum=0),
-        "threads": Opt(int, 0, "torch threads while training (0: torch's default)", minimum=0),
+        "threads": Opt(int, 0, "torch threads while training, per worker (0: torch's default)", minimum=0),
+        "workers": Opt(int, 1, "data-parallel training processes on Ray Train (gloo, CPU), each running its "
+                       "share of every batch (needs onnxopt[search]); 1: in this process", minimum=1),
     }
 
     def __init__(self, **values):
@@ -92,9 +99,14 @@ class Finetune(Pass):
                 re.compile(p)
             except re.error as exc:
                 raise PipelineError(f"pass '{self.name}': bad name pattern {p!r}: {exc}") from None
+        if self.opts.batch and self.opts.workers > self.opts.batch:
+            raise PipelineError(f"pass '{self.name}': workers={self.opts.workers} is more than batch="
+                                f"{self.opts.batch}: every worker needs a sample of each batch")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         engine = _engine(self.name)
+        if self.opts.workers > 1:
+            _ray_train(self.name, self.opts.workers)
         return engine.finetune(model, ctx, self.opts, self.name)
 
 
@@ -107,3 +119,13 @@ def _engine(name: str):
         if missing != "torch" and not missing.startswith("torch."):
             raise
         raise UsageError(f"pass '{name}' needs PyTorch ({exc}): pip install 'onnxopt[{EXTRA}]'") from None
+
+
+def _ray_train(name: str, workers: int) -> None:
+    """Ray Train importable, or a one-line error naming the extra to install."""
+    try:
+        importlib.import_module("ray.train.torch")
+    except ImportError as exc:
+        line = " ".join(str(exc).split())[:160]
+        raise UsageError(f"pass '{name}' with workers={workers} needs Ray Train ({line}): "
+                         f"pip install 'onnxopt[{PARALLEL_EXTRA}]'") from None

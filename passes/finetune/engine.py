@@ -20,7 +20,7 @@ from onnxopt.labels import read_labels
 from onnxopt.model import Model
 from onnxopt.shapes import infer_shapes
 
-from . import train
+from . import data_parallel, train
 from .loss import Term, choose_terms, logit_tensors, teacher_target
 from .module import GraphModule, OpFailed, Unsupported
 from .params import plan_training, restore, write_back
@@ -212,8 +212,9 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
         stats["skipped"] = "no trainable float weights"
         return PassResult(False, stats)
     hints = _hint_terms(opts.hints, model, teacher, name)
+    keep = logit_tensors(model) + [h.student for h in hints]
     try:  # first: an op the table cannot express is the user's first problem to hear of
-        module = GraphModule(model, plan, keep=logit_tensors(model) + [h.student for h in hints])
+        module = GraphModule(model, plan, keep=keep)
     except Unsupported as exc:
         raise UsageError(f"{name}: cannot express the model in torch: {exc}") from None
     provider = ctx.providers[0] if ctx.providers else "cpu"
@@ -236,8 +237,18 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
                               eval_every=opts.eval_every or max(1, opts.steps // 20))
     train_set = _samples(train_idx, samples, teacher_out, terms, opts.temperature, labels)
     hold_set = _samples(hold_idx or train_idx, samples, teacher_out, terms, opts.temperature, labels)
+    batch = min(opts.batch, len(train_idx)) if opts.batch else len(train_idx)
+    stats.update(workers=opts.workers, worker_batch=-(-batch // opts.workers))
     with ctx.progress.task(f"{name}: training", total=opts.steps) as advance:
-        outcome = train.run(module, terms, train_set, hold_set, settings, advance)
+        if opts.workers > 1:
+            options = {"include": opts.include, "exclude": opts.exclude, "keep": keep, "threads": opts.threads}
+            outcome, ray_seconds = data_parallel.run(model, plan, options, terms, train_set, hold_set, settings,
+                                                     opts.workers, name)
+            stats["ray_seconds"] = round(ray_seconds, 3)
+            module.set_leaf_values(outcome.values)
+            advance(outcome.steps_run)
+        else:
+            outcome = train.run(module, terms, train_set, hold_set, settings, advance)
 
     stats.update(_figures(outcome, terms, len(samples), len(train_idx), len(hold_idx), batched, alpha,
                           labels is not None))

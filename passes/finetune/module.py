@@ -289,6 +289,11 @@ class GraphModule(torch.nn.Module):
     def leaf_values(self) -> list[np.ndarray]:
         return [p.detach().numpy().copy() for p in self.leaf_params]
 
+    def set_leaf_values(self, values: Sequence[np.ndarray]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.leaf_params, values):
+                p.copy_(torch.from_numpy(value))
+
 
 def _ordered(nodes: Sequence[gs.Node], needed: set[int]) -> list[gs.Node]:
     """The needed nodes, producers before consumers (stable), outer-scope reads included."""

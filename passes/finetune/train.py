@@ -12,6 +12,13 @@ cosine of every output to the teacher's and, for classifier outputs, top-1 agree
 state with the best holdout fidelity (mean cosine over outputs) is what is returned —
 the model as it came in when nothing beat it — and ``patience`` evaluations without
 improvement end the run.
+
+Data-parallel (:class:`Shard`, one per process of a ``torch.distributed`` group): every
+process draws the same global batch from the same seeded order, runs its share of it,
+and the gradients — each scaled by its share of the global batch — are summed over the
+processes before the step, so every process takes the step one process would have
+taken, up to the order of float additions. The holdout is evaluated whole by every
+process, so they all keep the same best state and stop at the same step.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from .loss import Term, fidelity, term_loss
 from .module import GraphModule
 
-__all__ = ["Samples", "Settings", "Outcome", "run"]
+__all__ = ["Samples", "Settings", "Outcome", "Shard", "run"]
 
 _LR_FLOOR = 0.05
 
@@ -71,6 +78,36 @@ class Outcome:
     cpu_seconds: float  # processor time of the run (all threads): robust to a busy machine
     step_seconds: float  # mean wall time of a training step alone
     history: dict
+
+
+@dataclass
+class Shard:
+    """This process's place among ``size`` data-parallel ones (``torch.distributed``
+    initialised): it runs every ``size``-th sample of each global batch from ``rank`` on."""
+
+    rank: int
+    size: int
+
+    def take(self, picked: list[int]) -> list[int]:
+        return picked[self.rank::self.size]
+
+    def sum_gradients(self, params: Sequence[torch.Tensor], total: float) -> float:
+        """Sum the gradients of ``params`` and the step's loss ``total`` over the
+        processes, in one all-reduce. A parameter no process computed a gradient for keeps
+        none (the optimizer leaves it alone, as one process would), so every process
+        ends the step with the same state."""
+        import torch.distributed as dist
+
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params]
+        had = [float(p.grad is not None) for p in params]
+        flat = torch.cat(parts + [torch.tensor(had + [total], dtype=torch.float64)])
+        dist.all_reduce(flat)
+        offset, counts = 0, flat[-len(params) - 1:-1]
+        for p, count in zip(params, counts):
+            grad = flat[offset:offset + p.numel()].view(p.shape).to(p.dtype)
+            p.grad = grad if float(count) > 0 else None
+            offset += p.numel()
+        return float(flat[-1])
 
 
 def _concat(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -143,14 +180,16 @@ def _round(x: float) -> float:
 
 
 def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s: Settings,
-        advance: Callable[..., None]) -> Outcome:
-    """Train ``module``'s leaves; return the best state and the figures."""
+        advance: Callable[..., None], shard: Shard | None = None) -> Outcome:
+    """Train ``module``'s leaves; return the best state and the figures. With ``shard``,
+    this process runs its share of every batch and the gradients are summed over all."""
     pairs = list(zip(module.leaf_params, module.plan.leaves))
     for p, leaf in pairs:
         p.requires_grad_(bool(leaf.trainable))
     groups = [{"params": [p for p, leaf in pairs if leaf.trainable and leaf.weight], "weight_decay": s.weight_decay},
               {"params": [p for p, leaf in pairs if leaf.trainable and not leaf.weight], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr)
+    trained = [p for p, leaf in pairs if leaf.trainable]
     rng = np.random.default_rng(s.seed)
     want = list(dict.fromkeys(t.student for t in terms))
     batch = min(max(s.batch, 1), len(train)) if s.batch else len(train)
@@ -170,11 +209,13 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
         cursor += batch
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for group in _groups(picked, batch, s.batched):
+        for group in _groups(shard.take(picked) if shard else picked, batch, s.batched):
             loss, _ = _forward_loss(module, terms, train, group, s, want)
             loss = loss * (len(group) / len(picked))
             loss.backward()
             total += float(loss.detach())
+        if shard:
+            total = shard.sum_gradients(trained, total)
         optimizer.step()
         step_time += time.perf_counter() - t0
         history["step"].append(step)
@@ -195,9 +236,7 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
         if stopped:
             break
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    with torch.no_grad():
-        for p, value in zip(module.leaf_params, best_values):
-            p.copy_(torch.from_numpy(value))
+    module.set_leaf_values(best_values)
     after = evaluate(module, terms, hold, s) if best_step else before
     return Outcome(best_values, before, after, best_step, step, stopped, seconds, cpu,
                    step_time / max(step, 1), history)
