@@ -190,6 +190,10 @@ def model_set(work: Path, quick: bool) -> list[tuple[str, str, dict]]:
             rng = np.random.default_rng(0)
             feeds = {"input": (0.1 * rng.standard_normal((1, 512))).astype(np.float32),
                      "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
+        elif name == "minilm":
+            from models.transformer import token_feeds
+
+            feeds = token_feeds(1, seed=0, pad_to=48)[0]
         else:
             feeds = _feeds_for(path, {"x": PPOCR_SHAPES[name]})
         found.append((name, path, feeds))
