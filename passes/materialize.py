@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.framework import Pass, PassContext, PassResult, register
 from onnxopt.graph import GraphIndex
 from onnxopt.model import Model, iter_graphs
-from onnxopt.weights.decode import COMPACT, DECODER_OPS, decoder_cone, storage_of, tensor_value
+from onnxopt.weights.decode import COMPACT, decoder_cone, decoder_ends, storage_of, tensor_value
 from onnxopt.weights.sites import WeightSite
 from onnxopt.weights.writer import StorageWriter
 
@@ -49,26 +49,18 @@ class Materialize(Pass):
         index = GraphIndex(model)
         outputs = {id(t) for g in iter_graphs(model.graph) for t in g.outputs}
         roots: list[tuple[gs.Graph, gs.Tensor, str]] = []
-        seen: set[int] = set()
         skipped = 0
         # Match: the tensors where an expansion ends (read by a node that is not part of
         # one), and their values.
-        for g in iter_graphs(model.graph):
-            for node in g.nodes:
-                if node.op not in DECODER_OPS or node.op == "Constant":
-                    continue
-                for t in node.outputs:
-                    if id(t) in seen or not any(c.op not in DECODER_OPS for c in t.outputs):
-                        continue
-                    seen.add(id(t))
-                    kind = storage_of(t)
-                    if kind not in COMPACT:
-                        continue
-                    if id(t) in outputs:
-                        log.debug("%s is a graph output: left compact", t.name)
-                        skipped += 1
-                        continue
-                    roots.append((index.graph_of[id(node)], t, kind))
+        for _, node, t in decoder_ends(model.graph):
+            kind = storage_of(t)
+            if kind not in COMPACT:
+                continue
+            if id(t) in outputs:
+                log.debug("%s is a graph output: left compact", t.name)
+                skipped += 1
+                continue
+            roots.append((index.graph_of[id(node)], t, kind))
         planned = []
         memo: dict = {}
         for g, t, kind in roots:

@@ -12,11 +12,13 @@ cone implements.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value
+from ..graph_extras import iter_graphs
 from ..node_eval import NotEvaluable, evaluate_node
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "NotDecodable",
     "cone_storage",
     "decoder_cone",
+    "decoder_ends",
     "evaluate",
     "storage_of",
     "tensor_value",
@@ -90,6 +93,21 @@ def decoder_cone(t: gs.Tensor) -> list[gs.Node] | None:
         if len(order) > 10_000:
             return None
     return order
+
+
+def decoder_ends(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node, gs.Tensor]]:
+    """Where an expansion ends, in ``graph`` and its subgraphs: (graph, node, tensor) for
+    each output of a decoder op that a node outside the decoder ops reads, once each."""
+    seen: set[int] = set()
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            if node.op not in DECODER_OPS or node.op == "Constant":
+                continue
+            for t in node.outputs:
+                if id(t) in seen or not any(c.op not in DECODER_OPS for c in t.outputs):
+                    continue
+                seen.add(id(t))
+                yield g, node, t
 
 
 def tensor_value(t: gs.Tensor, memo: dict[int, np.ndarray] | None = None) -> np.ndarray | None:

@@ -46,7 +46,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import const_value
 from onnxopt.model import Model, iter_graphs
-from onnxopt.weights.decode import DECODER_OPS, decoder_cone, storage_of, tensor_value
+from onnxopt.weights.decode import decoder_cone, decoder_ends, storage_of, tensor_value
 
 __all__ = ["Quant", "Leaf", "Site", "TrainPlan", "plan_training", "write_back", "restore"]
 
@@ -176,18 +176,7 @@ def _slots(node: gs.Node, roots: set[int]) -> list[tuple[int, str]]:
 
 def _roots(model: Model) -> list[gs.Tensor]:
     """Outputs of decoder cones read by a node that is not part of one."""
-    found, seen = [], set()
-    for g in iter_graphs(model.graph):
-        for node in g.nodes:
-            if node.op not in DECODER_OPS or node.op == "Constant":
-                continue
-            for t in node.outputs:
-                if id(t) in seen or not any(c.op not in DECODER_OPS for c in t.outputs):
-                    continue
-                seen.add(id(t))
-                if decoder_cone(t):
-                    found.append(t)
-    return found
+    return [t for _, _, t in decoder_ends(model.graph) if decoder_cone(t)]
 
 
 # --------------------------------------------------------------------------------------
