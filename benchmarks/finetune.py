@@ -121,9 +121,19 @@ def _audio(i: int, seed: int) -> dict:
             "sr": np.array(16000, np.int64)}
 
 
+def _float_output(sess) -> int:
+    """Index of the first float output (MiniLM's export lists an int64 output first)."""
+    return next((i for i, o in enumerate(sess.get_outputs()) if "float" in o.type), 0)
+
+
+def main_output(model: Model) -> int:
+    return _float_output(make_session(model))
+
+
 def outputs(model: Model, feeds: list[dict]) -> list[np.ndarray]:
     sess = make_session(model)
-    return [sess.run(None, f)[0] for f in feeds]
+    k = _float_output(sess)
+    return [sess.run(None, f)[k] for f in feeds]
 
 
 def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -172,7 +182,7 @@ def with_threads(pipeline: str) -> str:
 
 def plain_loop(student: Model, train: list[dict], teacher: Model, batch: int, steps: int) -> tuple[float, float]:
     """Median (wall, processor) seconds per step of a bare PyTorch loop over the same
-    interpreted module: Adam, MSE between the first outputs, the same batches
+    interpreted module: Adam, MSE between the first float outputs, the same batches
     (concatenated when they stack)."""
     import torch
     from onnxopt.passes.finetune.module import GraphModule
@@ -181,6 +191,7 @@ def plain_loop(student: Model, train: list[dict], teacher: Model, batch: int, st
     torch.set_num_threads(THREADS)
     module = GraphModule(student, plan_training(student))
     targets = [torch.from_numpy(t) for t in outputs(teacher, train)]
+    k = main_output(teacher)
     feeds = [{k: torch.from_numpy(np.array(v)) for k, v in f.items()} for f in train]
     stack = all(all(f[k].shape[1:] == feeds[0][k].shape[1:] for k in f) for f in feeds) and batch > 1
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-5)
@@ -193,7 +204,7 @@ def plain_loop(student: Model, train: list[dict], teacher: Model, batch: int, st
         groups = [list(picked)] if stack else [[i] for i in picked]
         for g in groups:
             x = {k: torch.cat([feeds[i][k] for i in g]) for k in feeds[0]}
-            y = module(x)[0]
+            y = module(x)[k]
             loss = torch.nn.functional.mse_loss(y, torch.cat([targets[i] for i in g]))
             loss.backward()
         opt.step()
