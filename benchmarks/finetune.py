@@ -193,7 +193,8 @@ def plain_loop(student: Model, train: list[dict], teacher: Model, batch: int, st
     targets = [torch.from_numpy(t) for t in outputs(teacher, train)]
     k = main_output(teacher)
     feeds = [{k: torch.from_numpy(np.array(v)) for k, v in f.items()} for f in train]
-    stack = all(all(f[k].shape[1:] == feeds[0][k].shape[1:] for k in f) for f in feeds) and batch > 1
+    stack = all(all(f[k].dim() >= 1 and f[k].shape[1:] == feeds[0][k].shape[1:] for k in f) for f in feeds) \
+        and batch > 1
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     rng = np.random.default_rng(0)
     times, cpu = [], []
@@ -432,6 +433,15 @@ def _job(kind: str, arg, quick: bool):
     return row
 
 
+def _result(job, case: Case) -> dict | None:
+    """A row's result; a row that failed is reported and left out, not the whole run."""
+    try:
+        return job.result()
+    except Exception as exc:  # a benchmark reports and goes on
+        print(f"{case.model} {case.pipeline}: failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
     import multiprocessing as mp
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=mp.get_context("spawn")) as pool:
         digit_jobs = [pool.submit(_job, "digits", p, args.quick) for p in points]
         case_jobs = [pool.submit(_job, "case", c, args.quick) for c in chosen]
-        rows = [j.result() for j in case_jobs]
+        rows = [r for r in (_result(j, c) for j, c in zip(case_jobs, chosen)) if r is not None]
         digit_rows = [j.result() for j in digit_jobs]
     path = RESULTS / "finetune.json"
     old = json.loads(path.read_text()) if (args.only or args.match) and path.exists() else {}
