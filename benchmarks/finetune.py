@@ -204,7 +204,7 @@ def plain_loop(student: Model, train: list[dict], teacher: Model, batch: int, st
         opt.zero_grad()
         groups = [list(picked)] if stack else [[i] for i in picked]
         for g in groups:
-            x = {k: torch.cat([feeds[i][k] for i in g]) for k in feeds[0]}
+            x = {k: torch.cat([feeds[i][k] for i in g]) for k in feeds[0]} if stack else feeds[g[0]]
             y = module(x)[k]
             loss = torch.nn.functional.mse_loss(y, torch.cat([targets[i] for i in g]))
             loss.backward()
