@@ -34,6 +34,7 @@ __all__ = [
     "write_constant",
     "is_const",
     "implicit_inputs",
+    "disconnect",
     "toposort",
     "to_networkx",
     "replace_uses",
@@ -385,13 +386,25 @@ def _can_take_name(graph: gs.Graph, new: gs.Tensor) -> bool:
     return not any(new is t for t in graph.inputs)
 
 
+def disconnect(node: gs.Node) -> None:
+    """Unlink ``node`` from the tensors it reads and writes, by identity. graphsurgeon's own
+    ``clear`` removes the first *equal* node from a tensor's lists, and two nodes of two
+    bodies that share names and inputs compare equal: it would unlink the other one."""
+    for ends, field in ((node.inputs, "outputs"), (node.outputs, "inputs")):
+        for t in ends:
+            links = getattr(t, field)
+            at = next((i for i, other in enumerate(links) if other is node), None)
+            if at is not None:
+                list.__delitem__(links, at)
+        list.clear(ends)
+
+
 def remove_nodes(graph: gs.Graph, dead: set[int]) -> int:
     """Remove the nodes whose ids are in ``dead`` from ``graph`` and disconnect them."""
     kept, removed = [], 0
     for n in graph.nodes:
         if id(n) in dead:
-            n.inputs.clear()
-            n.outputs.clear()
+            disconnect(n)
             removed += 1
         else:
             kept.append(n)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxopt.framework import Pass, PassContext, PassResult, register
-from onnxopt.graph import implicit_inputs
+from onnxopt.graph import disconnect, implicit_inputs
 from onnxopt.model import Model, extras, iter_graphs, node_subgraphs, tensor_nbytes
 
 __all__ = ["DeadNodes"]
@@ -115,8 +115,7 @@ def _disconnect(node: gs.Node) -> None:
     for sub in node_subgraphs(node):
         for inner in sub.nodes:
             _disconnect(inner)
-    node.inputs.clear()
-    node.outputs.clear()
+    disconnect(node)
 
 
 def _function_key(domain: str | None, name: str) -> tuple[str, str]:

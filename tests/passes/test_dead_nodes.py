@@ -169,3 +169,31 @@ def test_checker_accepts_every_result():
     for proto in (builders.control_flow(), builders.dead_branches()):
         ran = run_pass("dead-nodes", Model.from_proto(proto))
         onnx.checker.check_model(ran.model.to_proto(), full_check=True)
+
+
+
+def test_removed_nodes_are_unlinked_by_identity_not_equality():
+    """graphsurgeon's ``clear`` unlinks the first *equal* reader; two nodes of two bodies
+    with the same op, name and tensors compare equal, so it unlinked the wrong one and
+    dead-nodes later failed on the other (found by the differential fuzzer, seed 104295)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import disconnect
+
+    x = gs.Variable("x", np.float32, (3,))
+    late = gs.Node("Tanh", "twin", inputs=[x], outputs=[gs.Variable("t", np.float32, (3,))])
+    early = gs.Node("Tanh", "twin", inputs=[x], outputs=[gs.Variable("t", np.float32, (3,))])
+    assert early == late and early is not late and x.outputs[0] is late
+    disconnect(early)
+    assert len(x.outputs) == 1 and x.outputs[0] is late and not early.inputs and not early.outputs
+    disconnect(late)
+    assert not x.outputs
+
+
+def test_default_on_a_graph_with_twin_dead_if_bodies_keeps_its_outputs():
+    from tests.fuzz.differential import check_graph
+    from tests.fuzz.graphs import random_graph
+
+    kind, detail, _ = check_graph(random_graph(104295))
+    assert kind == "ok", detail
