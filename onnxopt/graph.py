@@ -32,6 +32,7 @@ __all__ = [
     "const_value",
     "const_through_shape_ops",
     "write_constant",
+    "overwrite_constant",
     "is_const",
     "implicit_inputs",
     "disconnect",
@@ -462,6 +463,22 @@ def release_constant(model: Model, tensor: gs.Tensor) -> bool:
     return dropped
 
 
+def overwrite_constant(t: gs.Tensor, value: np.ndarray) -> None:
+    """Give ``t`` — an initializer, or the output of a Constant node — ``value`` in place:
+    the tensor keeps its name and its readers."""
+    if isinstance(t, gs.Constant):
+        t.values = value
+        return
+    producer = t.inputs[0]
+    for key in [k for k in producer.attrs if k.startswith("value")]:
+        del producer.attrs[key]
+    producer.attrs["value"] = gs.Constant(t.name, value)
+    types = vars(producer).get("attr_types")
+    if types:
+        types.pop("value", None)
+    t.shape = list(value.shape)
+
+
 def write_constant(model: Model, node: gs.Node, index: int, value: np.ndarray, *,
                    names: NameAllocator | None = None, replaced: list[gs.Tensor] | None = None) -> None:
     """Give input ``index`` of ``node`` the constant ``value``, in the dtype of the
@@ -504,18 +521,9 @@ def _write_input(model: Model, node: gs.Node, index: int, value: np.ndarray,
         value = value.astype(before.dtype)
     value = np.ascontiguousarray(value)
     if uses == 1 and not in_io:
-        if isinstance(old, gs.Constant):
-            old.values = value
-            return None
-        if old.inputs and old.inputs[0].op == "Constant" and len(old.inputs[0].outputs) == 1:
-            producer = old.inputs[0]
-            for key in [k for k in producer.attrs if k.startswith("value")]:
-                del producer.attrs[key]
-            producer.attrs["value"] = gs.Constant(old.name, value)
-            types = vars(producer).get("attr_types")
-            if types:
-                types.pop("value", None)
-            old.shape = list(value.shape)
+        if isinstance(old, gs.Constant) or (
+                old.inputs and old.inputs[0].op == "Constant" and len(old.inputs[0].outputs) == 1):
+            overwrite_constant(old, value)
             return None
     node.inputs[index] = gs.Constant(names(old.name or "pruned"), value)
     return old

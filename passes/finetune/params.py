@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import const_value
+from onnxopt.graph import const_value, overwrite_constant
 from onnxopt.model import Model, iter_graphs
 from onnxopt.weights.decode import decoder_cone, decoder_ends, storage_of, tensor_value
 
@@ -413,19 +413,6 @@ def stored_values(leaf: Leaf, trained: np.ndarray) -> np.ndarray:
     return np.clip(q, qt.qmin, qt.qmax).astype(qt.dtype)
 
 
-def _set(t: gs.Tensor, value: np.ndarray) -> None:
-    if isinstance(t, gs.Constant):
-        t.values = value
-        return
-    node = t.inputs[0]
-    for key in [k for k in node.attrs if k.startswith("value")]:
-        del node.attrs[key]
-    node.attrs["value"] = gs.Constant(t.name, value)
-    types = vars(node).get("attr_types")
-    if types:
-        types.pop("value", None)
-
-
 def _get(t: gs.Tensor) -> np.ndarray:
     return np.asarray(const_value(t, load=False))
 
@@ -445,14 +432,14 @@ def write_back(plan: TrainPlan, trained: Sequence[np.ndarray]) -> list[tuple[gs.
         if np.array_equal(new, old):
             continue
         undo.append((leaf.tensor, old))
-        _set(leaf.tensor, np.ascontiguousarray(new))
+        overwrite_constant(leaf.tensor, np.ascontiguousarray(new))
     return undo
 
 
 def restore(undo: list[tuple[gs.Tensor, np.ndarray]]) -> None:
     """Put back the values :func:`write_back` replaced."""
     for t, old in reversed(undo):
-        _set(t, old)
+        overwrite_constant(t, old)
 
 
 def onnx_float(dtype) -> bool:
