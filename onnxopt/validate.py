@@ -22,11 +22,12 @@ it raises :class:`ProviderUnavailable`; there is no silent fallback to the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ __all__ = [
     "available_providers",
     "check_providers",
     "make_session",
+    "session_threads",
+    "thread_cap",
     "run_model",
     "OutputMetrics",
     "ProviderResult",
@@ -64,6 +67,28 @@ DEFAULT_MIN_COSINE = 0.99
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 log = logging.getLogger(__name__)
+
+#: Threads a session gets when its caller names none (None: onnxruntime's default, one
+#: per core). Set for a while by :func:`session_threads`.
+_THREAD_CAP: int | None = None
+
+
+@contextlib.contextmanager
+def session_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, sessions made without ``threads`` get ``threads`` intra-op
+    threads: a task given one CPU of a shared machine (a Ray task) must not start a
+    thread pool per core, whose threads spin and starve the task beside it."""
+    global _THREAD_CAP
+    before, _THREAD_CAP = _THREAD_CAP, threads
+    try:
+        yield
+    finally:
+        _THREAD_CAP = before
+
+
+def thread_cap() -> int | None:
+    """The thread count :func:`session_threads` set, or None."""
+    return _THREAD_CAP
 
 
 class ReferenceFailed(UsageError):
@@ -118,6 +143,7 @@ def make_session(model: Model | str | bytes, provider: str = "cpu", *, threads: 
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
+    threads = threads or _THREAD_CAP
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

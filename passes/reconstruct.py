@@ -370,8 +370,12 @@ def _sub_session(proto: onnx.ModelProto, inputs: list[str], outputs: list[str], 
     sub.functions.extend(proto.functions)
     import onnxruntime as ort  # imported where used: loading the pass library must not need it
 
+    from onnxopt.validate import thread_cap
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if thread_cap():
+        opts.intra_op_num_threads = thread_cap()
     return ort.InferenceSession(sub.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

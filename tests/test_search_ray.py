@@ -122,3 +122,18 @@ def test_calibration_statistics_per_shard_as_ray_tasks(ray_session):
         return model.to_bytes()
 
     assert quantized(map_shards=ray_map_shards, shards=4) == quantized()
+
+
+def _session_threads(job, shared):
+    from onnxopt.validate import make_session
+
+    sess = make_session(shared.models["original"])
+    return {"threads": sess.get_session_options().intra_op_num_threads}
+
+
+def test_a_ray_task_runs_onnxruntime_on_the_cpus_it_was_given(ray_session):
+    # a session per core in each of two one-CPU tasks would put four spinning threads on
+    # two cores: a task's sessions get the one CPU Ray gave it
+    remote = RayExecutor(workers=2)
+    results = [r for _, r in remote.map_unordered(_session_threads, JOBS, remote.share(_shared()))]
+    assert [r["threads"] for r in results] == [1, 1]

@@ -141,3 +141,16 @@ def test_a_node_ending_with_an_omitted_optional_input_does_not_crash_validation(
     model = Model.from_proto(proto)
     assert validate(model, model, runs=0).passed
     assert model.graph.nodes[0].inputs[-1].name == ""  # the model validated is left alone
+
+
+def test_session_threads_caps_sessions_that_name_no_thread_count():
+    from onnxopt.validate import make_session, session_threads, thread_cap
+
+    model = Model.from_proto(builders.mlp())
+    assert thread_cap() is None
+    with session_threads(1):
+        assert thread_cap() == 1
+        assert make_session(model).get_session_options().intra_op_num_threads == 1
+        assert make_session(model, threads=2).get_session_options().intra_op_num_threads == 2
+    assert thread_cap() is None
+    assert make_session(model).get_session_options().intra_op_num_threads == 0  # onnxruntime's default

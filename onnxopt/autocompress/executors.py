@@ -179,10 +179,15 @@ def join_or_start_ray(cpus: int | None = None) -> bool:
 
 
 def _on_ray(fn: Callable, job: dict, shared) -> dict:
-    """A Ray task: ``fn(job, shared)``, and the node it ran on."""
+    """A Ray task: ``fn(job, shared)`` with onnxruntime held to the CPUs Ray gave the task,
+    and the node it ran on."""
     import ray
 
-    result = fn(job, shared)
+    from ..validate import session_threads
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    with session_threads(max(1, int(cpus))):
+        result = fn(job, shared)
     result["node"] = ray.get_runtime_context().get_node_id()[:12]
     return result
 
