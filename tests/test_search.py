@@ -340,3 +340,25 @@ def test_weight_probes_cover_the_bulk_of_the_bytes_largest_first():
 
     weights = [WeightLayer(f"w{i}", n, n * 4) for i, n in enumerate([10, 5000, 200, 3000, 20])]
     assert [w.name for w in _bulk(weights)] == ["w1", "w3", "w2"]
+
+
+def test_bisection_measures_the_same_points_whatever_the_number_of_workers():
+    # a cluster's worker count must not change which models are measured, or the same seed
+    # would choose differently on one node and on two
+    from onnxopt.autocompress.allocate import QuantLadder
+
+    names = [f"l{i}" for i in range(12)]
+    ladder = QuantLadder(names, [0.0001] * 12)
+
+    def trial(k: int, met: bool) -> dict:
+        return {"config": Config("int8", float_layers=ladder.float_layers(k)), "meets_floor": met}
+
+    picked = []
+    for workers in (1, 2, 8):
+        run = driver._Search.__new__(driver._Search)
+        run.trials = [trial(2, True), trial(11, False)]
+        run.executor = type("Executor", (), {"workers": workers})()
+        run._ladder = lambda family: ladder
+        jobs = run._bisect("int8")
+        picked.append([j["pipeline"] for j in jobs])
+    assert picked[0] == picked[1] == picked[2] and len(picked[0]) == driver.BISECT_POINTS

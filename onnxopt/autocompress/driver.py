@@ -48,8 +48,11 @@ __all__ = ["search", "SearchResult", "DEFAULT_TIME_BUDGET"]
 log = logging.getLogger(__name__)
 
 DEFAULT_TIME_BUDGET = 600.0
-#: Bisection rounds of each quantization ladder after the allocation's candidates.
+#: Bisection rounds of each quantization ladder after the allocation's candidates, and
+#: the points each round measures — a constant, not the number of workers: the same seed
+#: must choose the same model on one worker and on a cluster.
 REFINE_ROUNDS = 3
+BISECT_POINTS = 2
 
 
 def search(model, output=None, *, calibration, feeds=None, objective: str = "latency",
@@ -384,7 +387,7 @@ class _Search:
         fail = min(above)
         if fail - ok <= 1:
             return []
-        points = max(1, min(self.executor.workers, fail - ok - 1))
+        points = min(BISECT_POINTS, fail - ok - 1)
         ks = sorted({ok + round((fail - ok) * (i + 1) / (points + 1)) for i in range(points)} - {ok, fail})
         return [config_job(Config(family, float_layers=ladder.float_layers(k),
                                   label=f"{family}, {n - k} of {n} layers float"), predicted=ladder.predicted(k))
