@@ -16,7 +16,8 @@
 
 ``auto`` picks kd for an output computed by Softmax/LogSoftmax, or by a dense layer
 (Gemm, MatMul, MatMul + bias Add) into ``[N, classes]``; cosine for other outputs of rank
-2 or 3; mse for the rest.
+2 or 3 with more than one value per sample; mse for the rest (one value per sample, a
+probability or a score, included).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def choose_terms(model: Model, loss: str, samples: dict[str, np.ndarray]) -> lis
             if softmax or (_dense_head(node) and rank == 2 and value.shape[-1] >= 2):
                 kind = "kd"
             else:
-                kind = "cosine" if rank in (2, 3) else "mse"
+                # a cosine of a single value per sample is only its sign: such outputs
+                # (a probability, a score) are matched by value
+                kind = "cosine" if rank in (2, 3) and int(np.prod(value.shape[1:])) > 1 else "mse"
         student, form = t.name, "logits"
         if kind == "kd" and softmax:
             student = node.inputs[0].name

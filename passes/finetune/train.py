@@ -8,7 +8,8 @@ axis — when the model was found to batch that way — or runs them one by one 
 their gradients. The learning rate warms up linearly over the first 5 % of the steps,
 then follows a cosine from ``lr`` down to 5 % of it.
 Every ``eval_every`` steps the holdout samples are run without gradients: the loss, the
-cosine of every output to the teacher's and, for classifier outputs, top-1 agreement. The
+cosine of every output to the teacher's (per sample, or over all samples together for an
+output of one value per sample) and, for classifier outputs, top-1 agreement. The
 state with the best holdout fidelity (mean cosine over outputs) is what is returned —
 the model as it came in when nothing beat it — and ``patience`` evaluations without
 improvement end the run.
@@ -140,29 +141,38 @@ def evaluate(module: GraphModule, terms: list[Term], data: Samples, s: Settings)
     """Loss and fidelity of the student on ``data`` (no gradients)."""
     want = list(dict.fromkeys([t.student for t in terms] + module.output_names))
     kd = {t.output: t.form for t in terms if t.kind == "kd"}
-    losses, cos, agree = [], {t.output: [] for t in terms if t.kind != "hint"}, {n: [] for n in kd}
+    losses, pairs = [], {t.output: [] for t in terms if t.kind != "hint"}
     with torch.no_grad():
         for group in _groups(range(len(data)), max(s.batch, 1), s.batched):
             loss, outs = _forward_loss(module, terms, data, group, s, want)
             losses.append(float(loss) * len(group))
-            for name in cos:
+            for name in pairs:
                 value = outs[want.index(name)].numpy()
                 start = 0
                 for i in group:
                     ref = data.outputs[i][name]
                     rows = ref.shape[0] if s.batched and len(group) > 1 else None
-                    mine = value[start:start + rows] if rows is not None else value
+                    pairs[name].append((value[start:start + rows] if rows is not None else value, ref))
                     start += rows or 0
-                    c, a = fidelity(mine, ref, kd.get(name))
-                    cos[name].append(c)
-                    if a is not None:
-                        agree[name].append(a)
-    outputs = {n: {"cosine": float(np.mean(v))} for n, v in cos.items()}
-    for n, v in agree.items():
-        outputs[n]["agreement"] = float(np.mean(v))
+    outputs = {n: _output_fidelity(v, kd.get(n)) for n, v in pairs.items()}
     return {"loss": float(np.sum(losses) / max(len(data), 1)),
             "fidelity": float(np.mean([o["cosine"] for o in outputs.values()])) if outputs else 1.0,
             "outputs": outputs}
+
+
+def _output_fidelity(pairs: list[tuple[np.ndarray, np.ndarray]], form: str | None) -> dict:
+    """Mean cosine (and top-1 agreement for a classifier) of one output over the samples.
+    An output of one value per sample (a probability, a score) is compared as one vector
+    over all samples: the cosine of a single value is only its sign."""
+    if form is None and all(np.size(ref) == 1 for _, ref in pairs):
+        mine = np.concatenate([np.ravel(m) for m, _ in pairs])
+        ref = np.concatenate([np.ravel(r) for _, r in pairs])
+        return {"cosine": fidelity(mine, ref, None)[0]}
+    scores = [fidelity(mine, ref, form) for mine, ref in pairs]
+    out = {"cosine": float(np.mean([c for c, _ in scores]))}
+    if form is not None:
+        out["agreement"] = float(np.mean([a for _, a in scores]))
+    return out
 
 
 def _rate(lr: float, step: int, steps: int) -> float:

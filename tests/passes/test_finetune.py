@@ -365,3 +365,37 @@ def test_pruned_weights_in_sparse_storage_train_and_keep_their_zeros(digits):
         assert not np.array_equal(old, after[name]), f"{name}: not trained"
     assert accuracy(ran.model, x_test, y_test) > accuracy(student, x_test, y_test) + 0.02
     assert _ops(ran.model) == _ops(student) and _constants(ran.model) == _constants(student)
+
+
+def _scorer() -> Model:
+    """An MLP giving one probability per sample ([1, 1]): a voice-activity-like score."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(5)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["z"], name="fc2"),
+             helper.make_node("Sigmoid", ["z"], ["p"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "scorer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 1])],
+                              [w("w1", 8, 12), w("b1", 12), w("w2", 12, 1), w("b2", 1)])
+    return Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_one_value_per_sample_is_matched_by_value_and_scored_over_all_samples():
+    # the cosine of one value is its sign: such an output gets mse, and its holdout
+    # fidelity is the cosine over all holdout samples together (below 1 when it differs)
+    model = _scorer()
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(200)]
+    unseen = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(50)]
+    student = _compress(model, calib, "share-weights(bits=2,min_size=0)")
+    ran = _finetune(student, model, calib, steps=50, batch=16, lr=0.01, patience=0)
+    s = ran.stats
+    assert s["losses"] == {"p": "mse"}
+    assert s["fidelity_before"] < 0.9999 and s["fidelity_after"] > s["fidelity_before"]
+    ref = np.concatenate([run_model(model, f)["p"].ravel() for f in unseen])
+    got = [np.concatenate([run_model(m, f)["p"].ravel() for f in unseen]) for m in (student, ran.model)]
+    assert np.abs(got[1] - ref).mean() < 0.8 * np.abs(got[0] - ref).mean()
