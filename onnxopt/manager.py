@@ -3,6 +3,8 @@
 Steps run in order; a group ``[...]`` runs round after round until a whole round changes
 nothing (converged) or ``max_rounds`` is reached (not converged: the report says so).
 Every pass run is timed and recorded with node and tensor-byte counts before and after.
+After a pass that changed the model, the declared types of intermediate tensors that
+shape inference contradicts are dropped (:mod:`onnxopt.declarations`).
 
 With ``verify_each`` the manager snapshots the model before each pass and, after it,
 runs ``onnx.checker`` and compares the result with the snapshot on onnxruntime (exact
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
+from .declarations import drop_contradicted_declarations
 from .errors import OnnxoptError, PassFailed
 from .framework import PassContext, PassStep, Step, describe_pipeline, parse_pipeline
 from .model import Model, gc_paused
@@ -163,6 +166,10 @@ class PassManager:
             result = None
         seconds = time.perf_counter() - t0
         rolled_back = result is None
+        if result is not None and result.modified:
+            self._state = object()  # a new state, whose inference the next pass may reuse
+            model.settle(self._state)
+            drop_contradicted_declarations(model)
         if result is not None and result.modified and snapshot is not None:
             problem = self._verify(p, model, snapshot, ctx)
             if problem:
@@ -170,7 +177,7 @@ class PassManager:
                 model.restore(snapshot)
                 rolled_back, error = True, problem
         changed = (result is not None and result.modified) or rolled_back
-        if changed:
+        if rolled_back:
             self._state = object()
         after = model.summary() if changed else before
         self._summary = after
