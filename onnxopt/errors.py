@@ -85,6 +85,12 @@ class PassFailed(OnnxoptError):
     def __init__(self, pass_name: str, message: str):
         super().__init__(f"pass '{pass_name}' failed: {message}")
         self.pass_name = pass_name
+        self.message = message
+
+    def __reduce__(self):
+        # pickled with its two arguments: an error raised in a worker process (a process
+        # pool, a Ray task) must arrive whole, not break the pool that unpickles it
+        return (type(self), (self.pass_name, self.message))
 
 
 class ValidationFailed(OnnxoptError):

@@ -126,3 +126,16 @@ def test_api_options_are_checked_like_pipeline_options():
         cls(size_limit="ten")
     with pytest.raises(PipelineError, match="has no option"):
         cls(bogus=1)
+
+
+def test_every_error_survives_pickling_as_a_worker_process_sends_it():
+    import pickle
+
+    from onnxopt import errors
+
+    raised = [errors.PassFailed("finetune", "the converted student disagrees"), errors.UsageError("bad option"),
+              errors.ValidationFailed("outside the bound"), errors.CalibrationError("too few samples")]
+    for exc in raised:
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+    assert pickle.loads(pickle.dumps(raised[0])).pass_name == "finetune"
