@@ -12,8 +12,8 @@ sweep of compression levels with and without fine-tuning (a plot of test accurac
 against compression ratio).
 
 Training data is never evaluation data: PP-OCR trains on rendered pages and lines of one
-seed and is measured on another; the detector trains on 160 x 160 pages (it is fully
-convolutional) and is measured on 320 x 320 ones; digits trains on its train split
+seed and is measured on another; the detector trains on 384 pages of 160 x 160 (it is
+fully convolutional) and is measured on 320 x 320 ones; digits trains on its train split
 (no labels) and is measured on its test split.
 
 Run with ``make bench-finetune`` (``--quick`` for a smoke run, ``--only NAME`` for some
@@ -62,13 +62,18 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-DET_FT = "finetune(steps=1200,batch=8,lr=0.002,patience=0,samples=0)"
+#: The detector's neck output (the four pyramid levels, upsampled and joined) as a hint,
+#: weighted 10: without it the student learns the training pages' maps and does worse on
+#: new pages (the README's fine-tuning section has the figures).
+DET_FT = "finetune(steps=1200,batch=8,lr=0.002,patience=0,samples=0,hints=p2o.Concat.1=10)"
 REC_FT = "finetune(steps=600,batch=8,lr=0.001,patience=0,samples=0)"
 CASES = [
     Case("ppocr-det", "prune-magnitude(sparsity=0.5)", DET_FT),
     Case("ppocr-det", "share-weights(bits=4,init=kmeans++)", DET_FT),
     Case("ppocr-det", "prune-channels(ratio=0.3,round_to=16),reconstruct", DET_FT),
-    Case("ppocr-det", "int8", "finetune(steps=300,batch=8,lr=0.0002,patience=0,samples=0)"),
+    # (no ppocr-det int8 row: the interpreted int8 detector and onnxruntime differ beyond
+    # the pre-training bound — a QuantizeLinear one level apart on one value, amplified by
+    # the layers after it — and finetune refuses to train it, as it must)
     Case("ppocr-rec", "prune-magnitude(sparsity=0.5)", REC_FT),
     Case("ppocr-rec", "int8", "finetune(steps=300,batch=8,lr=0.0002,patience=0,samples=0)"),
     Case("ppocr-cls", "prune-magnitude(sparsity=0.7)", "finetune(steps=300,batch=16,lr=0.001,samples=0)"),
@@ -96,7 +101,7 @@ def data(name: str, quick: bool) -> tuple[Model, list[dict], list[dict]]:
         from models.ocr import ocr_feeds
 
         if name == "ppocr-det":
-            train = ocr_feeds(name, n, seed=1, size=(160, 160))
+            train = ocr_feeds(name, 16 if quick else 384, seed=1, size=(160, 160))
             return Model.load(fetch(name)), train, ocr_feeds(name, 8 if quick else 16, seed=999)
         return Model.load(fetch(name)), ocr_feeds(name, n, seed=1), ocr_feeds(name, 16 if quick else 64, seed=999)
     if name == "minilm":
