@@ -208,6 +208,9 @@ def resume(tmp: Path, kill_after: int = 12) -> dict:
     while first.poll() is None and len(list(cache.rglob("*.json"))) < kill_after:
         time.sleep(0.2)
     cached = len(list(cache.rglob("*.json")))
+    if first.poll() is not None:  # it ended before it could be killed: nothing to resume
+        return {"error": f"the first search ended (exit {first.returncode}) with {cached} results cached: "
+                         f"{first.stderr.read()[-300:]}"}
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     second = _cli(args)
@@ -333,7 +336,9 @@ def targets(runs: list[dict], scale: dict) -> list[str]:
     if "throughput" in scale:
         t = scale["throughput"]
         lines.append(f"- 2 Ray workers give {t['ratio']:.2f}× the trial throughput of 1 (target ≥ 1.6×).")
-    if "resume" in scale:
+    if "resume" in scale and "error" in scale["resume"]:
+        lines.append(f"- Resume: {scale['resume']['error']}")
+    elif "resume" in scale:
         rs = scale["resume"]
         lines.append(f"- A search killed after {rs['cached_at_kill']} cached results ran {rs['run_on_resume']} of "
                      f"{rs['total']} jobs on resume: {rs['redone']} finished job(s) redone (target ≤ 1).")
