@@ -30,6 +30,7 @@ __all__ = [
     "CalibrationError",
     "ProviderUnavailable",
     "PassFailed",
+    "OutOfTime",
     "ValidationFailed",
 ]
 
@@ -90,6 +91,14 @@ class PassFailed(OnnxoptError):
     def __reduce__(self):
         # pickled with its two arguments: an error raised in a worker process (a process
         # pool, a Ray task) must arrive whole, not break the pool that unpickles it
+        return (type(self), (self.pass_name, self.message))
+
+
+class OutOfTime(PassFailed):
+    """A pass given a deadline (``PassContext.deadline``) could not finish by it. It
+    stops rather than return a shorter run's result, which its pipeline would not rebuild."""
+
+    def __reduce__(self):
         return (type(self), (self.pass_name, self.message))
 
 

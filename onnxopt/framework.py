@@ -163,6 +163,9 @@ class PassContext:
     ``map_shards``/``shards``: ``map_shards(fn, items) -> results`` runs a plain function
     over plain data, possibly in parallel (Ray tasks); a pass may cut data-parallel work
     such as calibration statistics into ``shards`` parts with it. None: it runs here.
+    ``deadline``: a wall-clock time (``time.time()``) by which a long pass must be done;
+    one that cannot finish by then raises :class:`~onnxopt.errors.OutOfTime` rather than
+    return a shorter run (a search's time budget). None: no limit.
     """
 
     reference: Any = None
@@ -175,6 +178,7 @@ class PassContext:
     seed: int = 0
     map_shards: Callable[[Callable, list], list] | None = None
     shards: int = 0
+    deadline: float | None = None
 
     def require_calibration(self, pass_name: str):
         """The calibration data, or a clear error naming the pass that needs it."""

@@ -244,6 +244,11 @@ def test_time_budget_cut_writes_the_best_so_far(tmp_path, monkeypatch):
 
             return time.monotonic() + self.offset
 
+        def time(self):
+            import time
+
+            return time.time() + self.offset
+
     clock = Clock()
     for module in (driver, executors, summary):
         monkeypatch.setattr(module, "time", clock)
@@ -362,3 +367,14 @@ def test_bisection_measures_the_same_points_whatever_the_number_of_workers():
         jobs = run._bisect("int8")
         picked.append([j["pipeline"] for j in jobs])
     assert picked[0] == picked[1] == picked[2] and len(picked[0]) == driver.BISECT_POINTS
+
+
+def test_finetune_family_without_torch_is_left_out_or_one_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    fams, notes = parse_space(None, "size")
+    assert "finetune" not in fams and any("onnxopt[train]" in n for n in notes)
+    with pytest.raises(UsageError, match=r"needs PyTorch: pip install 'onnxopt\[train\]'"):
+        parse_space("share,finetune", "size")

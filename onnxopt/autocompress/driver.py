@@ -9,7 +9,9 @@ cached on disk by content:
    probes (one transform on one layer);
 3. allocation: candidates along the trade-off, each built as a real model and measured;
 4. refinement: bisection of the quantization ladders between the last candidate that met
-   the floor and the first that did not, and the combinations of what met it;
+   the floor and the first that did not, the combinations of what met it, and (with
+   ``finetune`` in the space) the closest misses trained again; then the presets that
+   train, with what is left of the budget;
 5. the choice — the best objective among the candidates meeting the floor — validated
    once more on feeds the search never used, then written.
 
@@ -39,7 +41,7 @@ from .data_split import split_data
 from .executors import make_executor
 from .jobs import config_job, preset_jobs, probe_error, probe_jobs
 from .metric import load_metric
-from .pareto import meets_floor, ranked
+from .pareto import meets_floor, objective_value, ranked
 from .space import Config, Layers, discover, int4_cleanup, parse_space
 from .tasks import Shared, run_job, run_outputs
 
@@ -53,6 +55,12 @@ DEFAULT_TIME_BUDGET = 600.0
 #: must choose the same model on one worker and on a cluster.
 REFINE_ROUNDS = 3
 BISECT_POINTS = 2
+#: The ``finetune`` family: candidates trained again, at most this many, each one that
+#: missed the floor by at most this many times the allowance (1 - floor) and would beat
+#: the best candidate meeting the floor by this share of the objective.
+FINETUNE_TRIALS = 2
+FINETUNE_REACH = 10.0
+FINETUNE_GAIN = 0.05
 
 
 def search(model, output=None, *, calibration, feeds=None, objective: str = "latency",
@@ -179,6 +187,10 @@ class _Search:
             else:
                 todo.append(job)
         if todo and not self.cut:
+            if self.deadline is not None:  # as a wall-clock time: a Ray task may run on another host
+                wall = time.time() + (self.deadline - time.monotonic())
+                for job in todo:  # this phase's own copies of the jobs
+                    job["deadline"] = wall
             with self.progress.task(what, len(jobs)) as advance:
                 advance(len(done))
                 for job, result in self.executor.map_unordered(self.job_fn, todo, self.handle, self.deadline):
@@ -187,7 +199,7 @@ class _Search:
                     if outputs is not None and self.metric is not None:
                         feeds = self.split.holdout
                         result["metric"] = self.metric(self.hold_ref, outputs, feeds)
-                    if not result.get("error", "").startswith("task failed"):
+                    if not result.get("cut") and not result.get("error", "").startswith("task failed"):
                         self.cache.put(self._key(job), result)
                     done.append((job, {**result, "cached": False}))
                     advance(1)
@@ -244,11 +256,14 @@ class _Search:
             probes = probe_jobs(quantizing, self.layers, only) + probe_jobs(weights, self.layers)
             channels = probe_jobs(["channels"], self.layers) if "channels" in self.families else []
             # the presets run beside the probes (and are never dropped for time: they are
-            # the comparison); the probes may start until half of the budget, channel
-            # probes until 60 %
+            # the comparison; one that trains runs last); the probes may start until half
+            # of the budget, channel probes until 60 %
+            refs, notes = preset_jobs(self.families)
+            self.notes += notes
+            training = [j for j in refs if j["trains"]]
             if self._remaining():
-                self._run(preset_jobs() + _until(probes, self._until(0.5)) + _until(channels, self._until(0.6)),
-                          "presets and sensitivity probes")
+                self._run([j for j in refs if not j["trains"]] + _until(probes, self._until(0.5))
+                          + _until(channels, self._until(0.6)), "presets and sensitivity probes")
             if self._remaining():
                 self._run(_until(self._allocate(), self._until(0.85)), "candidates")
             for _ in range(REFINE_ROUNDS):
@@ -258,6 +273,13 @@ class _Search:
                 if not jobs:
                     break
                 self._run(jobs, "refinement")
+            # a preset that trains takes minutes: measured last, with what is left of the
+            # budget, so that it never holds a worker the candidates needed
+            if training and self._remaining():
+                self._run(training, "presets that train")
+            elif training:
+                self.notes.append(f"{', '.join(j['preset'] for j in training)}: not measured, "
+                                  "no time was left for a preset that trains")
             return self._finish()
         finally:
             self.executor.close()
@@ -268,7 +290,7 @@ class _Search:
         for t in self.trials:
             cfg = t.get("config")
             if cfg is not None and cfg.branch == family and not cfg.float_layers and not cfg.channels \
-                    and not cfg.fp16 and not t.get("error"):
+                    and not cfg.fp16 and not cfg.finetune and not t.get("error"):
                 changed = t.get("changed_layers")
                 return {"changed": set(changed) if changed is not None else None,
                         "error": None if t.get("cosine") is None else 1.0 - t["cosine"]}
@@ -344,7 +366,43 @@ class _Search:
                 jobs += self._bisect(family)
         jobs += self._recalibrated()
         jobs += self._combinations()
+        jobs += self._finetuned()
         return jobs
+
+    def _finetuned(self) -> list[dict]:
+        """Once, with ``finetune`` in the space: the candidates that missed the floor by
+        less than :data:`FINETUNE_REACH` times the allowance and beat the best one that
+        met it by :data:`FINETUNE_GAIN` on the objective, again with training last (at
+        most :data:`FINETUNE_TRIALS`: the best of each kind first, best objective first)."""
+        if "finetune" not in self.families or "finetune" in self.recalibrated:
+            return []
+        allowance = 1.0 - self.min_cosine or 1e-4
+        ok = ranked(self.trials, self.objective, self.min_cosine, self.min_metric,
+                    eligible=lambda t: t.get("preset") != "default" and bool(t.get("modified")))
+        bar = objective_value(self.trials[ok[0]], self.objective) * (1 - FINETUNE_GAIN) if ok else None
+        near = []
+        for t in self.trials:
+            cfg, value = t.get("config"), objective_value(t, self.objective)
+            if cfg is None or cfg.finetune or t["meets_floor"] or t.get("error") or t.get("cosine") is None \
+                    or value is None or (bar is not None and value > bar) \
+                    or 1.0 - t["cosine"] > FINETUNE_REACH * allowance:
+                continue
+            near.append(t)
+        if not near:
+            return []
+        self.recalibrated.add("finetune")
+        near.sort(key=lambda t: (objective_value(t, self.objective), -t["cosine"], t["id"]))
+        kinds: set[str] = set()
+        first = []  # the best of each kind first, then the next best of any
+        for t in near:
+            cfg = t["config"]
+            kind = ("channels" if cfg.channels else cfg.branch) + ("+fp16" if cfg.fp16 else "")
+            if kind not in kinds:
+                kinds.add(kind)
+                first.append(t)
+        chosen = (first + [t for t in near if t not in first])[:FINETUNE_TRIALS]
+        return [config_job(replace(t["config"], finetune=True, label=t["config"].label + " + finetune"))
+                for t in chosen]
 
     def _recalibrated(self) -> list[dict]:
         """Candidates of the per-weight and per-group allocations again, once, with the
@@ -376,7 +434,7 @@ class _Search:
         measured: dict[int, bool] = {}
         for t in self.trials:
             cfg = t.get("config")
-            if cfg is not None and cfg.branch == family and not cfg.channels and not cfg.fp16:
+            if cfg is not None and cfg.branch == family and not cfg.channels and not cfg.fp16 and not cfg.finetune:
                 k = n - len(cfg.float_layers)
                 if ladder.float_layers(k) == tuple(sorted(cfg.float_layers)):
                     measured[k] = t["meets_floor"]

@@ -98,11 +98,24 @@ def _bulk(weights: Sequence, share: float = BULK) -> list:
     return kept
 
 
-def preset_jobs() -> list[dict]:
-    """The reference points: each preset (and the fp16 pass) run on the original model."""
-    have = set(presets()) | set(registered_passes())
-    return [{"kind": "trial", "type": "preset", "preset": name, "pipeline": name, "start": "original"}
-            for name in PRESETS if name in have]
+def preset_jobs(families: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
+    """The reference points: each preset (and the fp16 pass) run on the original model,
+    and notes on those left out: a preset that trains (``compress``) only where
+    ``finetune`` is in the space — a space without it asks for no training. A preset
+    that trains says so (``trains``): it takes minutes where the others take seconds."""
+    known = presets()
+    have = set(known) | set(registered_passes())
+    jobs, notes = [], []
+    for name in PRESETS:
+        if name not in have:
+            continue
+        if name in known and "finetune" in known[name][0] and "finetune" not in families:
+            notes.append(f"preset {name}: not measured, it fine-tunes and finetune is not in the space")
+            continue
+        trains = name in known and "finetune" in known[name][0]
+        jobs.append({"kind": "trial", "type": "preset", "preset": name, "pipeline": name, "start": "original",
+                     "trains": trains})
+    return jobs, notes
 
 
 def config_job(config: Config, *, predicted: float | None = None, watch: Sequence[str] = ()) -> dict:

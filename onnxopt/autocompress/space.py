@@ -24,6 +24,7 @@ fp16, or Deep Compression (prune and share, optionally followed by fp16).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,20 +64,26 @@ CLEANUP = "default"
 INT8 = "quantize(mode=static,method=percentile{extra})"
 INT4 = "quantize(mode=weight-only,bits=4{extra})"
 CHANNEL_ROUND = 8
+#: The training a candidate of the ``finetune`` family ends with: the pass's defaults.
+FINETUNE = "finetune(loss=cosine)"
 
 
 def parse_space(text: str | Sequence[str] | None, objective: str) -> tuple[list[str], list[str]]:
     """The families to search (in :data:`FAMILIES` order) and notes on those left out.
 
     ``None`` means every family that can move the objective (``finetune`` only where the
-    pass is registered). An unknown family, or ``finetune`` without the pass, raises
+    pass is registered and PyTorch is installed). An unknown family, or ``finetune`` without the pass, raises
     :class:`UsageError`.
     """
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective '{objective}'; valid: {', '.join(OBJECTIVES)}")
     have_finetune = "finetune" in registered_passes()
+    can_train = have_finetune and importlib.util.find_spec("torch") is not None
+    notes = []
     if text is None:
-        wanted = [f for f in FAMILIES if f != "finetune" or have_finetune]
+        wanted = [f for f in FAMILIES if f != "finetune" or can_train]
+        if have_finetune and not can_train:
+            notes.append("finetune: left out, it needs PyTorch (pip install 'onnxopt[train]')")
         explicit = False
     else:
         items = text.split(",") if isinstance(text, str) else list(text)
@@ -88,8 +95,9 @@ def parse_space(text: str | Sequence[str] | None, objective: str) -> tuple[list[
         if "finetune" in wanted and not have_finetune:
             raise UsageError("search family 'finetune' needs the finetune pass, which this installation "
                              "does not have")
+        if "finetune" in wanted and not can_train:
+            raise UsageError("search family 'finetune' needs PyTorch: pip install 'onnxopt[train]'")
         explicit = True
-    notes = []
     chosen = []
     for f in FAMILIES:
         if f not in wanted:
@@ -342,8 +350,8 @@ def pipeline(config: Config) -> str:
         template = INT8 if config.branch == "int8" else INT4
         extra = f",exclude={option_value(sorted(config.float_layers))}" if config.float_layers else ""
         parts.append(template.format(extra=extra))
+    if config.finetune:  # trained in float32, then stored in float16 where asked
+        parts.append(FINETUNE)
     if config.fp16 or config.branch == "fp16":
         parts.append("fp16")
-    if config.finetune:
-        parts.append("finetune")
     return ",".join(parts)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import OutOfTime
+
 __all__ = ["Shared", "run_job", "cosines", "run_outputs", "changed_layers"]
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ def _build(job: dict, shared: Shared):
     model = Model.load(shared.models[job.get("start", "original")])
     calibration = open_calibration(list(shared.calibration), original) if shared.calibration else None
     ctx = PassContext(reference=original, calibration=calibration, seed=shared.seed,
-                      logger=logging.getLogger("onnxopt.passes"))
+                      logger=logging.getLogger("onnxopt.passes"), deadline=job.get("deadline"))
     result = PassManager(job["pipeline"]).run(model, ctx)
     records = [{"name": r.name, "modified": r.modified, "stats": _small(r.stats)} for r in result.records
                if not r.exact]
@@ -136,7 +138,9 @@ def _small(stats: dict) -> dict:
 def run_job(job: dict, shared: Shared) -> dict:
     """Build and measure one probe or trial (see the module doc). ``job`` holds ``kind``
     (``probe``/``trial``), ``pipeline``, ``start`` (the model it starts from) and
-    ``outputs`` (return the outputs on the held-out samples, for a user's metric)."""
+    ``outputs`` (return the outputs on the held-out samples, for a user's metric) and
+    ``deadline`` (``time.time()`` by which a training pass must be done: one that cannot
+    is stopped and the result says ``cut``)."""
     started = time.perf_counter()
     result: dict = {"pipeline": job["pipeline"], "kind": job["kind"]}
     try:
@@ -162,6 +166,8 @@ def run_job(job: dict, shared: Shared) -> dict:
     except Exception as exc:  # a candidate that cannot be built or run is a result too
         log.debug("job %s failed", job["pipeline"], exc_info=True)
         result["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if isinstance(exc, OutOfTime):
+            result["cut"] = True
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 

@@ -14,11 +14,12 @@ import torch
 
 from onnxopt.activations import capture
 from onnxopt.channels import channel_maps
-from onnxopt.errors import CalibrationError, PassFailed, UsageError
+from onnxopt.errors import CalibrationError, OutOfTime, PassFailed, UsageError
 from onnxopt.framework import PassContext, PassResult
 from onnxopt.labels import read_labels
 from onnxopt.model import Model
 from onnxopt.shapes import infer_shapes
+from onnxopt.validate import thread_cap
 
 from . import data_parallel, train
 from .loss import Term, choose_terms, logit_tensors, teacher_target
@@ -187,8 +188,9 @@ def _samples(idx: list[int], samples, teacher_out, terms, temperature, labels) -
 def finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
     """Run the pass (see the package docstring); ``opts`` are the pass's options."""
     threads = torch.get_num_threads()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    wanted = opts.threads or thread_cap()  # a task given one CPU trains on one thread
+    if wanted:
+        torch.set_num_threads(wanted)
     try:
         return _finetune(model, ctx, opts, name)
     finally:
@@ -233,7 +235,7 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
     alpha = opts.alpha if labels is not None else 1.0
     settings = train.Settings(steps=opts.steps, lr=opts.lr, batch=opts.batch, temperature=opts.temperature,
                               alpha=alpha, patience=opts.patience, batched=batched, seed=seed,
-                              weight_decay=opts.weight_decay,
+                              weight_decay=opts.weight_decay, deadline=ctx.deadline,
                               eval_every=opts.eval_every or max(1, opts.steps // 20))
     train_set = _samples(train_idx, samples, teacher_out, terms, opts.temperature, labels)
     hold_set = _samples(hold_idx or train_idx, samples, teacher_out, terms, opts.temperature, labels)
@@ -248,7 +250,10 @@ def _finetune(model: Model, ctx: PassContext, opts, name: str) -> PassResult:
             module.set_leaf_values(outcome.values)
             advance(outcome.steps_run)
         else:
-            outcome = train.run(module, terms, train_set, hold_set, settings, advance)
+            try:
+                outcome = train.run(module, terms, train_set, hold_set, settings, advance)
+            except train.DeadlineReached as exc:
+                raise OutOfTime(name, f"not finished by its deadline: {exc}") from None
 
     stats.update(_figures(outcome, terms, len(samples), len(train_idx), len(hold_idx), batched, alpha,
                           labels is not None))

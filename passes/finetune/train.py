@@ -65,6 +65,15 @@ class Settings:
     batched: bool
     seed: int
     weight_decay: float = 0.0
+    deadline: float | None = None  # wall-clock time (time.time()) training must end by
+
+
+class DeadlineReached(Exception):
+    """Training reached its deadline after ``done`` of ``steps`` steps."""
+
+    def __init__(self, done: int, steps: int):
+        super().__init__(f"{done} of {steps} steps run")
+        self.done, self.steps = done, steps
 
 
 @dataclass
@@ -210,6 +219,8 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
     started, cpu, step_time, step = time.perf_counter(), time.process_time(), 0.0, 0
     stopped = False
     for step in range(1, s.steps + 1):
+        if s.deadline is not None and time.time() >= s.deadline:
+            raise DeadlineReached(step - 1, s.steps)
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = _rate(s.lr, step, s.steps)
