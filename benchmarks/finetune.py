@@ -66,10 +66,13 @@ class Case:
 #: weighted 10: without it the student learns the training pages' maps and does worse on
 #: new pages (the README's fine-tuning section has the figures).
 DET_FT = "finetune(steps=1200,batch=8,lr=0.002,patience=0,samples=0,hints=p2o.Concat.1=10)"
+#: 4-bit codebooks recover more slowly than a pruned detector: 1200 steps gave IoU 0.948,
+#: 2000 give 0.951 (in 657 s on this machine).
+DET_SHARE_FT = DET_FT.replace("steps=1200", "steps=2000")
 REC_FT = "finetune(steps=600,batch=8,lr=0.001,patience=0,samples=0)"
 CASES = [
     Case("ppocr-det", "prune-magnitude(sparsity=0.5)", DET_FT),
-    Case("ppocr-det", "share-weights(bits=4,init=kmeans++)", DET_FT),
+    Case("ppocr-det", "share-weights(bits=4,init=kmeans++)", DET_SHARE_FT),
     Case("ppocr-det", "prune-channels(ratio=0.3,round_to=16),reconstruct", DET_FT),
     # (no ppocr-det int8 row: the interpreted int8 detector and onnxruntime differ beyond
     # the pre-training bound — a QuantizeLinear one level apart on one value, amplified by
