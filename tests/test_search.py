@@ -378,3 +378,13 @@ def test_finetune_family_without_torch_is_left_out_or_one_clear_error(monkeypatc
     assert "finetune" not in fams and any("onnxopt[train]" in n for n in notes)
     with pytest.raises(UsageError, match=r"needs PyTorch: pip install 'onnxopt\[train\]'"):
         parse_space("share,finetune", "size")
+
+
+def test_final_validation_tries_the_best_then_the_one_with_most_to_spare():
+    from onnxopt.autocompress.choose import _final_order
+
+    trials = [{"cosine": c} for c in (0.991, 0.992, 0.999, 0.995, 0.9995, 0.993)]
+    order = [0, 1, 2, 3, 4, 5]  # best on the objective first
+    assert _final_order(order, trials, 2) == [0, 1, 4]
+    assert _final_order(order[:2], trials, 2) == [0, 1]
+    assert _final_order(order, trials, 5) == [0, 1, 2, 3, 4, 5]

@@ -3,7 +3,8 @@
 The candidates meeting the floor on the held-out samples are taken best objective first;
 each is rebuilt from the original model by its pipeline and measured on the final feeds,
 which the search never used; the first that still meets the floor is chosen (at most
-:data:`FINAL_TRIES` are tried). When the chosen pipeline read calibration data, the
+:data:`FINAL_TRIES` are tried, :data:`CUT_TRIES` when the budget is spent, and then the
+one with the most fidelity to spare). When the chosen pipeline read calibration data, the
 samples it calibrated on are written beside the model (``NAME.calib.npz``) so that the
 printed ``onnxopt optimize`` command rebuilds the very same model.
 """
@@ -126,11 +127,22 @@ def _plain(value):
     return str(value)
 
 
+def _final_order(order: list[int], trials: list[dict], tries: int) -> list[int]:
+    """The candidates to validate on unseen feeds: the best ``tries`` on the objective,
+    then the one with the most fidelity to spare among the rest — a search that found
+    something robust writes it, even when its best candidates were too close to the floor."""
+    first = order[:tries]
+    rest = order[tries:]
+    if rest:
+        first.append(max(rest, key=lambda i: (trials[i]["cosine"], trials[i].get("metric") or 0.0, -rest.index(i))))
+    return first
+
+
 def _choose(run) -> tuple[tuple[int, dict] | None, list[dict]]:
     order = ranked(run.trials, run.objective, run.min_cosine, run.min_metric, eligible=_eligible)
     finals = []
     with run.progress.task("final validation on unseen feeds"):
-        for i in order[:FINAL_TRIES if not run.cut else CUT_TRIES]:
+        for i in _final_order(order, run.trials, FINAL_TRIES if not run.cut else CUT_TRIES):
             check = final_check(run, run.trials[i])
             finals.append({k: v for k, v in check.items() if k != "model"})
             if check["meets_floor"]:
