@@ -120,7 +120,7 @@ def _search_args(ss: argparse.ArgumentParser) -> None:
     ss.add_argument("--time-budget", type=float, default=None,
                     help="seconds; when they run out the best so far is written (600)")
     ss.add_argument("--space", help="families to search, comma-separated: int8,int4,fp16,prune,share,channels,"
-                    "finetune (default: all that can move the objective)")
+                    "finetune (default: all that can move the objective, except finetune, which trains)")
     ss.add_argument("--workers", type=int, default=None, help="parallel jobs (default: this machine's cores)")
     ss.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:PORT (default: a local Ray)")
     ss.add_argument("--backend", choices=("auto", "ray", "local"), default="auto",

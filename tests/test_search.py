@@ -36,7 +36,8 @@ TRIAL_KEYS = {"id", "pipeline", "kind", "preset", "bytes", "latency_ratio", "cos
 
 def test_space_keeps_what_can_move_the_objective():
     fams, notes = parse_space(None, "size")
-    assert {"int8", "int4", "fp16", "prune", "share", "channels"} <= set(fams)
+    assert fams == ["int8", "int4", "fp16", "prune", "share", "channels"]
+    assert any(n.startswith("finetune: not in the default space") for n in notes)  # it trains: opt-in
     fams, notes = parse_space("int8,prune,share", "latency")
     assert fams == ["int8"] and len(notes) == 2 and "prune" in notes[0]
 
@@ -375,7 +376,7 @@ def test_finetune_family_without_torch_is_left_out_or_one_clear_error(monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     fams, notes = parse_space(None, "size")
-    assert "finetune" not in fams and any("onnxopt[train]" in n for n in notes)
+    assert "finetune" not in fams and any("needs PyTorch: pip install 'onnxopt[train]'" in n for n in notes)
     with pytest.raises(UsageError, match=r"needs PyTorch: pip install 'onnxopt\[train\]'"):
         parse_space("share,finetune", "size")
 

@@ -77,7 +77,7 @@ def search(model, output=None, *, calibration, feeds=None, objective: str = "lat
     ``calibration``: what ``optimize`` takes (a ``.npz``, a folder, feed dicts); part of
     it is held out. ``feeds``: the final validation's feeds (default: calibration
     samples held back). ``space``: families (``int8,int4,fp16,prune,share,channels,
-    finetune``; default: all that can move the objective). ``workers``/``address``/
+    finetune``; default: all that can move the objective but ``finetune``). ``workers``/``address``/
     ``backend``: where jobs run (``auto``: a local Ray with this machine's cores when Ray
     is installed, else in this process). ``cache_dir``: where results are kept (True:
     the default folder; None/False: no cache). ``job_fn``: the job function (default

@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 FAMILIES = ("int8", "int4", "fp16", "prune", "share", "channels", "finetune")
+#: Families searched only when the space names them: training takes minutes per candidate,
+#: and on the benchmark models it did not change what a 10-minute search chooses.
+OPT_IN = ("finetune",)
 OBJECTIVES = ("latency", "size")
 #: Families that can make a model run faster on onnxruntime's CPU provider; the compact
 #: storages of prune/share are expanded when the session is created, so they cannot.
@@ -71,8 +74,9 @@ FINETUNE = "finetune(loss=cosine)"
 def parse_space(text: str | Sequence[str] | None, objective: str) -> tuple[list[str], list[str]]:
     """The families to search (in :data:`FAMILIES` order) and notes on those left out.
 
-    ``None`` means every family that can move the objective (``finetune`` only where the
-    pass is registered and PyTorch is installed). An unknown family, or ``finetune`` without the pass, raises
+    ``None`` means every family that can move the objective except ``finetune``, which
+    trains candidates for minutes each and is asked for by name (:data:`OPT_IN`). An
+    unknown family, or ``finetune`` without the pass or without PyTorch, raises
     :class:`UsageError`.
     """
     if objective not in OBJECTIVES:
@@ -81,9 +85,11 @@ def parse_space(text: str | Sequence[str] | None, objective: str) -> tuple[list[
     can_train = have_finetune and importlib.util.find_spec("torch") is not None
     notes = []
     if text is None:
-        wanted = [f for f in FAMILIES if f != "finetune" or can_train]
-        if have_finetune and not can_train:
-            notes.append("finetune: left out, it needs PyTorch (pip install 'onnxopt[train]')")
+        wanted = [f for f in FAMILIES if f not in OPT_IN]
+        if have_finetune:
+            notes.append("finetune: not in the default space, it trains candidates for minutes; "
+                         "add it with --space ...,finetune"
+                         + ("" if can_train else " (it needs PyTorch: pip install 'onnxopt[train]')"))
         explicit = False
     else:
         items = text.split(",") if isinstance(text, str) else list(text)
