@@ -364,11 +364,17 @@ def plot(digits: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _ratio(ours: float | None, plain: float | None) -> str:
+    return f"{ours / plain:.2f}×" if ours and plain else "—"
+
+
 def _task_text(t: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in t.items()) or "—"
 
 
 def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     lines = ["### Fine-tuning against the original (`make bench-finetune`)", "",
              f"Measured on {machine_line(info)}; torch {info.get('torch')} on {THREADS} thread; "
              f"run {time.strftime('%Y-%m-%d')}, rev {git_revision()}. Evaluation samples are never training "
@@ -383,6 +389,9 @@ def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
                           f"{o / r['latency_ms'][label]:.2f}×"])
     lines.append(markdown_table(["model", "pipeline", "finetune", "cosine", "task", "bytes", "gzip bytes",
                                  "speed vs original"], table))
+    if failed:
+        lines += ["", "Rows that did not run to the end (the error, as the pass gave it):", ""]
+        lines += [f"- {r['model']} `{r['pipeline']}` then `{r['finetune']}`: {r['error']}" for r in failed]
     checks = [r["checks"] for r in rows]
     if checks:
         worst = max(abs(c["size_change"]) for c in checks)
@@ -393,7 +402,9 @@ def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
                       f"{sum(abs(c['size_change']) <= 0.01 for c in checks)}/{len(checks)} "
                       f"(largest change {100 * worst:.2f} %)."]
     lines += ["", "Cost of fine-tuning (the `finetune` of each row above; plain loop = Adam and MSE on the "
-              "same interpreted module, same batches):", ""]
+              "same interpreted module, same batches). `step` is one training step alone, both loops timed "
+              "the same way (wall clock, median for the plain loop, mean for ours); `CPU s/step` is the "
+              "pass's whole training loop, holdout evaluations included, over its steps:", ""]
     cost = []
     for r in rows:
         c = r["cost"]
@@ -401,10 +412,11 @@ def readme_text(info: dict, rows: list[dict], digits: dict | None) -> str:
         cost.append([r["model"], f"`{r['pipeline']}`", f"`{r['finetune']}`", f"{c['seconds']:.0f}",
                      f"{c['cpu_seconds'] or 0:.0f}", f"{c['steps']} (best {c['best_step']})",
                      f"{c['seconds_per_step'] or 0:.3f}", f"{ours:.3f}", f"{c['plain_step_seconds']:.3f}",
-                     f"{plain:.3f}", f"{ours / plain:.2f}×" if plain else "—"])
+                     f"{plain:.3f}", _ratio(c.get("step_seconds"), c["plain_step_seconds"]),
+                     f"{ours / plain:.2f}×" if plain else "—"])
     lines.append(markdown_table(["model", "pipeline", "finetune", "wall s", "CPU s", "steps", "wall s/step",
                                  "CPU s/step", "plain loop wall s/step", "plain loop CPU s/step",
-                                 "overhead (CPU)"], cost))
+                                 "overhead (step)", "overhead (CPU, with holdout)"], cost))
     if digits:
         lines += ["", f"Digits classifier ({digits['bytes']:,} bytes, test accuracy "
                       f"{100 * digits['accuracy']:.2f} %), global pruning then 4/3-bit sharing, without and with "
@@ -441,13 +453,15 @@ def _job(kind: str, arg, quick: bool):
     return row
 
 
-def _result(job, case: Case) -> dict | None:
-    """A row's result; a row that failed is reported and left out, not the whole run."""
+def _result(job, case: Case, quick: bool) -> dict:
+    """A row's result; a row that failed is reported as such, not the whole run."""
     try:
         return job.result()
     except Exception as exc:  # a benchmark reports and goes on
         print(f"{case.model} {case.pipeline}: failed: {type(exc).__name__}: {exc}", flush=True)
-        return None
+        ft = with_threads(_quick_steps(case.finetune) if quick else case.finetune)
+        return {"model": case.model, "pipeline": case.pipeline, "finetune": ft,
+                "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=mp.get_context("spawn")) as pool:
         digit_jobs = [pool.submit(_job, "digits", p, args.quick) for p in points]
         case_jobs = [pool.submit(_job, "case", c, args.quick) for c in chosen]
-        rows = [r for r in (_result(j, c) for j, c in zip(case_jobs, chosen)) if r is not None]
+        rows = [_result(j, c, args.quick) for j, c in zip(case_jobs, chosen)]
         digit_rows = [j.result() for j in digit_jobs]
     path = RESULTS / "finetune.json"
     old = json.loads(path.read_text()) if (args.only or args.match) and path.exists() else {}
