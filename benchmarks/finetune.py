@@ -69,11 +69,16 @@ DET_FT = "finetune(steps=1200,batch=8,lr=0.002,patience=0,samples=0,hints=p2o.Co
 #: 4-bit codebooks recover more slowly than a pruned detector: 1200 steps gave IoU 0.948,
 #: 2000 give 0.951 (in 657 s on this machine).
 DET_SHARE_FT = DET_FT.replace("steps=1200", "steps=2000")
+#: A third of the channels gone: 1200 steps reached cosine 0.968, still rising at the end.
+DET_CHANNELS_FT = DET_FT.replace("steps=1200", "steps=3000")
+#: Recognizer lines to train on: on 128 the holdout peaked at step 390 of 600 (0.816 of
+#: the characters) — it was learning the training lines.
+REC_TRAIN = 512
 REC_FT = "finetune(steps=600,batch=8,lr=0.001,patience=0,samples=0)"
 CASES = [
     Case("ppocr-det", "prune-magnitude(sparsity=0.5)", DET_FT),
     Case("ppocr-det", "share-weights(bits=4,init=kmeans++)", DET_SHARE_FT),
-    Case("ppocr-det", "prune-channels(ratio=0.3,round_to=16),reconstruct", DET_FT),
+    Case("ppocr-det", "prune-channels(ratio=0.3,round_to=16),reconstruct", DET_CHANNELS_FT),
     # (no ppocr-det int8 row: the interpreted int8 detector and onnxruntime differ beyond
     # the pre-training bound — a QuantizeLinear one level apart on one value, amplified by
     # the layers after it — and finetune refuses to train it, as it must)
@@ -106,7 +111,8 @@ def data(name: str, quick: bool) -> tuple[Model, list[dict], list[dict]]:
         if name == "ppocr-det":
             train = ocr_feeds(name, 16 if quick else 384, seed=1, size=(160, 160))
             return Model.load(fetch(name)), train, ocr_feeds(name, 8 if quick else 16, seed=999)
-        return Model.load(fetch(name)), ocr_feeds(name, n, seed=1), ocr_feeds(name, 16 if quick else 64, seed=999)
+        train = ocr_feeds(name, REC_TRAIN if name == "ppocr-rec" and not quick else n, seed=1)
+        return Model.load(fetch(name)), train, ocr_feeds(name, 16 if quick else 64, seed=999)
     if name == "minilm":
         from models.transformer import token_feeds
 
