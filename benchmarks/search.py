@@ -130,8 +130,10 @@ def run_search(name: str, objective: str, *, workers: int, budget: float, out: P
     gain = None
     if chosen and best_preset:
         gain = 1.0 - chosen[key] / best_preset[key]
+    rejected = [{"trial": f["trial"], "cosine": f.get("cosine"), "metric": f.get("metric")}
+                for f in block["final"] if not f.get("meets_floor")]
     return {"model": name, "objective": objective, "wall": wall, "cut": block["cut"], "chosen": chosen,
-            "final": final, "best_preset": best_preset, "gain": gain, "trials": trials,
+            "final": final, "rejected": rejected, "best_preset": best_preset, "gain": gain, "trials": trials,
             "models_measured": len(trials), "probes": len(block["probes"]), "jobs_run": block["jobs_run"],
             "workers": block["workers"], "metric_original": block.get("metric_original"),
             "command": block.get("command"), "limiting_layers": block.get("limiting_layers")}
@@ -218,7 +220,7 @@ def resume(tmp: Path, kill_after: int = 12) -> dict:
     block = json.loads((tmp / "resume.json").read_text())["search"]
     total = block["jobs_run"] + block["cache"]["hits"]
     return {"cached_at_kill": cached, "run_on_resume": block["jobs_run"], "total": total,
-            "redone": block["jobs_run"] - (total - cached), "returncode": second.returncode, "error": err[-300:]}
+            "redone": block["jobs_run"] - (total - cached), "returncode": second.returncode, "stderr": err[-300:]}
 
 
 def _cls_calibration(tmp: Path) -> Path:
@@ -306,10 +308,14 @@ def summary_table(runs: list[dict]) -> str:
 def front_table(runs: list[dict]) -> str:
     rows = []
     for r in runs:
+        rejected = {f["trial"]: f for f in r.get("rejected", [])}
         for t in r["trials"]:
-            if not (t["pareto"] or t["kind"] == "preset" or t["chosen"]):
+            if not (t["pareto"] or t["kind"] == "preset" or t["chosen"] or t["id"] in rejected):
                 continue
             mark = "chosen" if t["chosen"] else "front" if t["pareto"] else ""
+            if t["id"] in rejected:
+                unseen = _f(rejected[t["id"]]["cosine"], ".4f")
+                mark = (mark + ", " if mark else "") + f"below the floor on unseen feeds ({unseen})"
             rows.append([r["model"], r["objective"], t["id"], _what(t), _size(t["bytes"]), _f(t["latency_ratio"]),
                          _f(t["cosine"], ".4f"), _f(t.get("metric"), ".4f"), "yes" if t["meets_floor"] else "no",
                          mark])
@@ -336,7 +342,7 @@ def targets(runs: list[dict], scale: dict) -> list[str]:
     if "throughput" in scale:
         t = scale["throughput"]
         lines.append(f"- 2 Ray workers give {t['ratio']:.2f}× the trial throughput of 1 (target ≥ 1.6×).")
-    if "resume" in scale and "error" in scale["resume"]:
+    if "resume" in scale and "cached_at_kill" not in scale["resume"]:
         lines.append(f"- Resume: {scale['resume']['error']}")
     elif "resume" in scale:
         rs = scale["resume"]
@@ -379,17 +385,20 @@ def render(results: dict) -> str:
 
 
 def _kept(runs: list, scale: dict, notes: list, measured: set, no_scale: bool) -> tuple[list, dict, list]:
-    """This run's figures with the stored ones of what it did not measure."""
+    """This run's figures with the stored ones of what it did not measure (``measured``:
+    (model, objective) pairs)."""
     import json
 
     path = RESULTS / "search.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     order = {m: i for i, m in enumerate(MODELS)}
-    kept = [r for r in old.get("runs", []) if r["model"] not in measured]
+    kept = [r for r in old.get("runs", []) if (r["model"], r["objective"]) not in measured]
     runs = sorted(kept + runs, key=lambda r: (order.get(r["model"], len(order)), OBJECTIVES.index(r["objective"])
                                               if r["objective"] in OBJECTIVES else 0))
     if no_scale:
         scale = {**old.get("scale", {}), **scale}
+        if "throughput" in scale:  # JSON made its worker counts strings
+            scale["throughput"] = {int(k) if str(k).isdigit() else k: v for k, v in scale["throughput"].items()}
     return runs, scale, list(old.get("notes", [])) + notes
 
 
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="digits and PP-OCR cls only, no scale-out runs")
     parser.add_argument("--no-scale", action="store_true", help="skip throughput, resume and two-node runs")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the stored rows of the models (and, with --no-scale, the scale-out figures) "
+                        help="keep the stored rows of the searches (and, with --no-scale, the scale-out figures) "
                              "this run does not measure")
     args = parser.parse_args(argv)
     models = ["digits", "ppocr-cls"] if args.quick else [m for m in args.models.split(",") if m]
@@ -438,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     results_notes.append(f"- {key}: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     if args.keep:
-        runs, scale, results_notes = _kept(runs, scale, results_notes, set(models), args.no_scale)
+        measured = {(m, o) for m in models for o in args.objectives.split(",") if o}
+        runs, scale, results_notes = _kept(runs, scale, results_notes, measured, args.no_scale)
     results = {"machine": info, "workers": args.workers, "runs": runs, "scale": scale, "notes": results_notes}
     text = render(results)
     print(text)
