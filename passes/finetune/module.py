@@ -263,16 +263,22 @@ class GraphModule(torch.nn.Module):
                     if slot >= 0:
                         env[slot] = value
 
+    def weights(self) -> list[torch.Tensor]:
+        """The graph's trained tensors as built from the leaves (masks, codebooks and
+        quantization grids applied), in the order :meth:`forward` takes them."""
+        return [value for _, build in self._derived for value in build()]
+
     def forward(self, feeds: dict[str, torch.Tensor], want: Sequence[str] | None = None,
-                record: bool = False):
+                record: bool = False, weights: Sequence[torch.Tensor] | None = None):
         """The tensors ``want`` (default: the graph outputs) for ``feeds``; with
-        ``record`` also the whole environment by tensor name (top graph)."""
+        ``record`` also the whole environment by tensor name (top graph). ``weights``:
+        what :meth:`weights` returned, to run several samples on one build of them."""
         env = list(self._base)
         for name, slot in zip(self.input_names, self._inputs):
             env[slot] = feeds[name]
-        for slots, build in self._derived:
-            for slot, value in zip(slots, build()):
-                env[slot] = value
+        slots = [slot for slots, _ in self._derived for slot in slots]
+        for slot, value in zip(slots, self.weights() if weights is None else weights):
+            env[slot] = value
         self._run(self._program, env)
         want = self.output_names if want is None else want
         out = [env[self._wanted[n]] for n in want]

@@ -131,9 +131,10 @@ def _groups(indices: Sequence[int], size: int, batched: bool) -> list[list[int]]
 
 
 def _forward_loss(module: GraphModule, terms: list[Term], data: Samples, group: list[int],
-                  s: Settings, want: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  s: Settings, want: list[str], weights: list[torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     feeds = {k: _concat([data.feeds[i][k] for i in group]) for k in module.input_names}
-    outs = module(feeds, want)
+    outs = module(feeds, want, weights=weights)
     loss = torch.zeros(())
     for j, term in enumerate(terms):
         target = _concat([data.targets[i][j] for i in group])
@@ -144,6 +145,32 @@ def _forward_loss(module: GraphModule, terms: list[Term], data: Samples, group: 
                           alpha=s.alpha, labels=labels)
         loss = loss + term.weight * value
     return loss, outs
+
+
+def _backward(module: GraphModule, terms: list[Term], data: Samples, groups: list[list[int]], n: int,
+              s: Settings, want: list[str]) -> float:
+    """The step's loss over ``groups`` (``n`` samples in all), its gradient in the leaves.
+
+    Several groups (samples that do not stack) run on one build of the weights: each
+    group's backward stops at the built weights, and their summed gradient goes into the
+    leaves in one backward at the end (one codebook gather and scatter per step, not one
+    per sample)."""
+    if len(groups) == 1:
+        loss, _ = _forward_loss(module, terms, data, groups[0], s, want)
+        (loss * (len(groups[0]) / n)).backward()
+        return float(loss.detach()) * len(groups[0]) / n
+    built = module.weights()
+    cut = [w.detach().requires_grad_(w.requires_grad) for w in built]
+    total = 0.0
+    for group in groups:
+        loss, _ = _forward_loss(module, terms, data, group, s, want, weights=cut)
+        loss = loss * (len(group) / n)
+        loss.backward()
+        total += float(loss.detach())
+    pairs = [(w, c.grad) for w, c in zip(built, cut) if w.requires_grad and c.grad is not None]
+    if pairs:
+        torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+    return total
 
 
 def evaluate(module: GraphModule, terms: list[Term], data: Samples, s: Settings) -> dict:
@@ -229,12 +256,8 @@ def run(module: GraphModule, terms: list[Term], train: Samples, hold: Samples, s
         picked = [int(i) for i in order[cursor:cursor + batch]]
         cursor += batch
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for group in _groups(shard.take(picked) if shard else picked, batch, s.batched):
-            loss, _ = _forward_loss(module, terms, train, group, s, want)
-            loss = loss * (len(group) / len(picked))
-            loss.backward()
-            total += float(loss.detach())
+        total = _backward(module, terms, train, _groups(shard.take(picked) if shard else picked, batch, s.batched),
+                          len(picked), s, want)
         if shard:
             total = shard.sum_gradients(trained, total)
         optimizer.step()

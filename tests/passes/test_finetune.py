@@ -399,3 +399,49 @@ def test_one_value_per_sample_is_matched_by_value_and_scored_over_all_samples():
     ref = np.concatenate([run_model(model, f)["p"].ravel() for f in unseen])
     got = [np.concatenate([run_model(m, f)["p"].ravel() for f in unseen]) for m in (student, ran.model)]
     assert np.abs(got[1] - ref).mean() < 0.8 * np.abs(got[0] - ref).mean()
+
+
+def test_samples_that_do_not_stack_share_one_build_of_the_weights_and_get_the_same_gradient(digits):
+    """A step over several groups builds the weights (codebook gathers, masks, Q/DQ
+    grids) once and sends the summed gradient into the leaves in one backward; the
+    leaves' gradient is the one of a build per group."""
+    import torch
+
+    from onnxopt.passes.finetune import train as loop
+    from onnxopt.passes.finetune.loss import Term
+    from onnxopt.passes.finetune.module import GraphModule
+    from onnxopt.passes.finetune.params import plan_training
+
+    model, calib, *_ = digits
+    student = _compress(model, calib, "prune-magnitude(sparsity=0.8),share-weights(bits=3),int8")
+    module = GraphModule(student, plan_training(student))
+    out = module.output_names[0]
+    terms = [Term(output=out, student=out, kind="mse")]
+    rng = np.random.default_rng(0)
+    feeds = [{"input": torch.from_numpy(np.array(c["input"]))} for c in calib[:5]]
+    targets = [[torch.from_numpy(rng.standard_normal((4, 10)).astype(np.float32))] for _ in feeds]
+    data = loop.Samples(feeds, targets, [{} for _ in feeds])
+    settings = loop.Settings(steps=1, lr=0.0, batch=5, temperature=1.0, alpha=1.0, patience=0, batched=False,
+                             seed=0, eval_every=1)
+    groups = [[0, 1], [2], [3, 4]]
+    leaves = [p for p, leaf in zip(module.leaf_params, module.plan.leaves) if leaf.trainable]
+    assert len(leaves) >= 3
+
+    def grads():
+        out = [p.grad.clone() for p in leaves]
+        for p in leaves:
+            p.grad = None
+        return out
+
+    total = loop._backward(module, terms, data, groups, 5, settings, [out])
+    once = grads()
+    expected = 0.0
+    for group in groups:  # the reference: a build of the weights per group
+        loss, _ = loop._forward_loss(module, terms, data, group, settings, [out])
+        (loss * len(group) / 5).backward()
+        expected += float(loss.detach()) * len(group) / 5
+    per_group = grads()
+    assert total == pytest.approx(expected, rel=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in once)
+    for a, b in zip(once, per_group):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
