@@ -406,7 +406,6 @@ def test_samples_that_do_not_stack_share_one_build_of_the_weights_and_get_the_sa
     grids) once and sends the summed gradient into the leaves in one backward; the
     leaves' gradient is the one of a build per group."""
     import torch
-
     from onnxopt.passes.finetune import train as loop
     from onnxopt.passes.finetune.loss import Term
     from onnxopt.passes.finetune.module import GraphModule
