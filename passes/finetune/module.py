@@ -105,6 +105,7 @@ class GraphModule(torch.nn.Module):
         self._inputs = [self._slot(t) for t in graph.inputs if not isinstance(t, gs.Constant)]
         self._provided.update(id(t) for t in graph.inputs if not isinstance(t, gs.Constant))
         self._bind_sites()
+        self._weight_slots = [slot for slots, _ in self._derived for slot in slots]
         self._names = {t.name: t for t in graph.inputs}
         for node in graph.nodes:
             for t in node.outputs:
@@ -276,8 +277,7 @@ class GraphModule(torch.nn.Module):
         env = list(self._base)
         for name, slot in zip(self.input_names, self._inputs):
             env[slot] = feeds[name]
-        slots = [slot for slots, _ in self._derived for slot in slots]
-        for slot, value in zip(slots, self.weights() if weights is None else weights):
+        for slot, value in zip(self._weight_slots, self.weights() if weights is None else weights):
             env[slot] = value
         self._run(self._program, env)
         want = self.output_names if want is None else want
