@@ -109,10 +109,10 @@ def preset_jobs(families: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
     for name in PRESETS:
         if name not in have:
             continue
-        if name in known and "finetune" in known[name][0] and "finetune" not in families:
+        trains = name in known and "finetune" in known[name][0]
+        if trains and "finetune" not in families:
             notes.append(f"preset {name}: not measured, it fine-tunes and finetune is not in the space")
             continue
-        trains = name in known and "finetune" in known[name][0]
         jobs.append({"kind": "trial", "type": "preset", "preset": name, "pipeline": name, "start": "original",
                      "trains": trains})
     return jobs, notes
